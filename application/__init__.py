@@ -1,0 +1,56 @@
+"""sessionledger: an event-sourced session engine.
+
+Each session is an aggregate whose lifecycle (start, state changes, records, checkpoints,
+saves, restores, suspend/resume, end, archive) is a stream of immutable events in SQLite
+(default) or PostgreSQL::
+
+    from sessionledger import SessionEngine
+
+    with SessionEngine("sqlite:///sessions.db") as engine:
+        sid = engine.create("research-run", state={"step": 0}, actor="alice")
+        engine.update(sid, {"step": 1})
+        print(engine.get(sid).state)
+"""
+
+from sessionledger.domain.errors import (
+    CheckpointNotFound,
+    ConcurrencyConflict,
+    CorruptedData,
+    EventTooLarge,
+    InvalidArgument,
+    InvalidSessionId,
+    InvalidTransition,
+    SessionLedgerError,
+    SessionNotFound,
+    StorageError,
+    UnsupportedValue,
+)
+from sessionledger.domain.events import EVENT_TYPES, SessionEvent
+from sessionledger.domain.session import Session
+from sessionledger.domain.status import SessionStatus
+
+from .config import SessionConfig
+from .engine import SessionEngine
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EVENT_TYPES",
+    "CheckpointNotFound",
+    "ConcurrencyConflict",
+    "CorruptedData",
+    "EventTooLarge",
+    "InvalidArgument",
+    "InvalidSessionId",
+    "InvalidTransition",
+    "Session",
+    "SessionConfig",
+    "SessionEngine",
+    "SessionEvent",
+    "SessionLedgerError",
+    "SessionNotFound",
+    "SessionStatus",
+    "StorageError",
+    "UnsupportedValue",
+    "__version__",
+]

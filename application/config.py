@@ -1,0 +1,74 @@
+"""SessionConfig: the engine's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import blake3
+
+from sessionledger.domain.errors import InvalidArgument
+
+_DURABILITY = ("full", "normal")
+_HOOK_ERRORS = ("isolate", "raise")
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Settings of a SessionEngine. Every field has a safe default.
+
+    durability: "full" (default; on SQLite every commit survives power loss: synchronous=FULL)
+        or "normal" (synchronous=NORMAL in WAL mode: a power cut may lose the last commits,
+        never corrupt the database). PostgreSQL keeps its own settings.
+    max_active_sessions: size of the working set of loaded sessions (an LRU); 0 disables it.
+    retries: how many times a command that lost a race to another writer re-reads the session
+        and applies again before it raises ConcurrencyConflict (commands given
+        expected_version= never retry).
+    max_event_bytes: the largest encoded event accepted (EventTooLarge above it).
+    compress_threshold: event payloads larger than this many bytes are lz4-compressed.
+    integrity_key: a secret (str or bytes) that keys the blake3 hash chain of each session.
+    snapshot_every, strict_snapshots, hook_errors, lifecycle_hooks: reserved for snapshots and
+        hooks; validated now so a config written today keeps its meaning.
+    """
+
+    durability: str = "full"
+    max_active_sessions: int = 1000
+    retries: int = 3
+    max_event_bytes: int = 1024 * 1024
+    compress_threshold: int = 1024
+    integrity_key: str | bytes | None = None
+    snapshot_every: int = 100
+    strict_snapshots: bool = False
+    hook_errors: str = "isolate"
+    lifecycle_hooks: bool = True
+
+    def __post_init__(self) -> None:
+        if self.durability not in _DURABILITY:
+            raise InvalidArgument(
+                f"durability must be one of {', '.join(_DURABILITY)}, got {self.durability!r}"
+            )
+        if self.hook_errors not in _HOOK_ERRORS:
+            raise InvalidArgument(
+                f"hook_errors must be one of {', '.join(_HOOK_ERRORS)}, got {self.hook_errors!r}"
+            )
+        for name in ("max_active_sessions", "retries", "snapshot_every", "compress_threshold"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise InvalidArgument(f"{name} must be an int >= 0, got {value!r}")
+        if type(self.max_event_bytes) is not int or self.max_event_bytes < 64:
+            raise InvalidArgument(f"max_event_bytes must be an int >= 64, got "
+                                  f"{self.max_event_bytes!r}")
+        if self.integrity_key is not None and (
+            not isinstance(self.integrity_key, str | bytes) or not self.integrity_key
+        ):
+            raise InvalidArgument("integrity_key must be a non-empty str or bytes")
+
+    def chain_key(self) -> bytes | None:
+        """The 32-byte blake3 key derived from integrity_key (None when unset)."""
+        if self.integrity_key is None:
+            return None
+        secret = self.integrity_key
+        material = secret.encode() if isinstance(secret, str) else secret
+        key: bytes = blake3.blake3(
+            material, derive_key_context="sessionledger 2026 event chain key"
+        ).digest()
+        return key

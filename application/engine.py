@@ -1,0 +1,462 @@
+"""SessionEngine: the facade users embed.
+
+A command travels: working set or store -> the aggregate decides (nothing written if it raises)
+-> the codec encodes and chains the events -> one transaction appends them (unique
+(session, version) for optimistic concurrency, the idempotency key if given) -> commit -> the
+events are applied to the working-set copy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID, uuid4
+
+from sessionledger.domain.errors import (
+    ConcurrencyConflict,
+    EventTooLarge,
+    InvalidSessionId,
+    SessionNotFound,
+)
+from sessionledger.domain.events import EVENT_SCHEMAS, SessionEvent, to_datetime
+from sessionledger.domain.session import PendingEvent, Session
+from sessionledger.domain.values import checked_optional_text
+from sessionledger.infrastructure.codec import GENESIS_DIGEST, PayloadCodec, chain_digest
+from sessionledger.infrastructure.store import (
+    EventRow,
+    EventStore,
+    IdempotencyKeyUsed,
+    VersionConflict,
+    safe_url,
+)
+from sessionledger.projections.replay import event_data, replay
+
+from .config import SessionConfig
+
+Decision = Callable[[Session], list[PendingEvent]]
+
+_CREATE_SCOPE = "create"
+
+
+def parse_session_id(value: object) -> str:
+    """The canonical string form of a session id, or InvalidSessionId."""
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            return str(UUID(value))
+        except ValueError:
+            pass
+    raise InvalidSessionId(value)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class SessionEngine:
+    """Keeps sessions as event-sourced aggregates in SQLite (default) or PostgreSQL.
+
+    `url` is a SQLAlchemy URL: ``sqlite:///file.db``, ``sqlite://`` (in memory) or
+    ``postgresql+psycopg://user@host/db``; a bare path means a SQLite file. Without one,
+    ``$SESSIONLEDGER_URL`` is used, else ``./sessionledger.db``. Tables are created on first use.
+
+    Every command returns the session's new version and commits atomically. Use the engine as a
+    context manager, or call close(). One engine may be shared by threads.
+    """
+
+    def __init__(self, url: str | None = None, config: SessionConfig | None = None) -> None:
+        self.config = config if config is not None else SessionConfig()
+        self._store = EventStore(url, self.config.durability)
+        self._codec = PayloadCodec(self.config.compress_threshold)
+        self._chain_key = self.config.chain_key()
+        self._lock = threading.RLock()
+        # the working set: session id -> (session, digest of its last event), LRU order
+        self._working_set: OrderedDict[str, tuple[Session, bytes]] = OrderedDict()
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The database URL, password hidden."""
+        return safe_url(self._store.url)
+
+    @property
+    def dialect(self) -> str:
+        """"sqlite" or "postgresql"."""
+        return self._store.dialect
+
+    def close(self) -> None:
+        """Release the database connection. The engine cannot be used afterwards."""
+        with self._lock:
+            self._working_set.clear()
+            self._store.close()
+
+    def __enter__(self) -> SessionEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SessionEngine({self.url!r})"
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        *,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        state: dict[str, Any] | None = None,
+        parent: str | UUID | None = None,
+        actor: str | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Start a session (status ACTIVE) and return its id.
+
+        `state` is the initial state, part of the SessionStarted event. `parent` must be an
+        existing session. Retried with an `idempotency_key` used before, it creates nothing and
+        returns the first session's id.
+        """
+        actor, correlation_id, key = self._checked_meta(actor, correlation_id, idempotency_key)
+        parent_id = None if parent is None else parse_session_id(parent)
+        pending = Session.decide_start(name, tags, metadata, state, parent_id)
+        with self._lock:
+            if key is not None:
+                used = self._store.idempotent_result(_CREATE_SCOPE, key)
+                if used is not None:
+                    return used[0]
+            if parent_id is not None:
+                self._loaded(parent_id)  # SessionNotFound for an unknown parent
+            session = Session(str(uuid4()))
+            now = _now_us()
+            rows, head = self._encode(session, GENESIS_DIGEST, [pending], actor, correlation_id,
+                                      now)
+            idem = None if key is None else (_CREATE_SCOPE, key, session.id, 1)
+            try:
+                self._store.append(rows, idem)
+            except IdempotencyKeyUsed as used_key:
+                return used_key.session_id
+            session.apply(pending[0], pending[1], 1, now)
+            self._remember(session, head)
+            return session.id
+
+    def update(
+        self,
+        session_id: str | UUID,
+        changes: dict[str, Any] | None = None,
+        *,
+        delete: list[str] | None = None,
+        actor: str | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        """Change state: set the keys of `changes`, remove the keys in `delete`.
+
+        Writes StateChanged with only what really changes; a delta that changes nothing writes
+        nothing and returns the current version. ACTIVE sessions only.
+        """
+        return self._command(
+            session_id, lambda s: s.decide_update(changes, delete),
+            actor, correlation_id, idempotency_key, expected_version,
+        )
+
+    def record(
+        self,
+        session_id: str | UUID,
+        kind: str,
+        payload: Any = None,
+        *,
+        actor: str | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        """Append an application event (EventRecorded) of `kind` with `payload`. ACTIVE only."""
+        return self._command(
+            session_id, lambda s: s.decide_record(kind, payload),
+            actor, correlation_id, idempotency_key, expected_version,
+        )
+
+    def checkpoint(
+        self,
+        session_id: str | UUID,
+        label: str,
+        *,
+        actor: str | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        """Mark the current state under `label` (unique per session) for restore(). ACTIVE only."""
+        return self._command(
+            session_id, lambda s: s.decide_checkpoint(label),
+            actor, correlation_id, idempotency_key, expected_version,
+        )
+
+    def save(
+        self,
+        session_id: str | UUID,
+        *,
+        actor: str | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        """Append SessionSaved: a save point restore() returns to by default.
+
+        ACTIVE or SUSPENDED sessions.
+        """
+        return self._command(
+            session_id, lambda s: s.decide_save(),
+            actor, correlation_id, idempotency_key, expected_version,
+        )
+
+    def restore(
+        self,
+        session_id: str | UUID,
+        *,
+        checkpoint: str | None = None,
+        version: int | None = None,
+        actor: str | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        """Put the state back to a checkpoint, a version, or (neither given) the last save.
+
+        Appends SessionRestored carrying the restored state: history keeps everything.
+        CheckpointNotFound when the target does not exist. ACTIVE sessions only.
+        """
+
+        def decide(session: Session) -> list[PendingEvent]:
+            target = session.restore_target(checkpoint, version)
+            restored = self._replayed(session.id, target).state
+            return session.decide_restore(target, restored, checkpoint)
+
+        return self._command(
+            session_id, decide, actor, correlation_id, idempotency_key, expected_version
+        )
+
+    def suspend(
+        self,
+        session_id: str | UUID,
+        *,
+        reason: str | None = None,
+        actor: str | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        """ACTIVE -> SUSPENDED."""
+        return self._command(
+            session_id, lambda s: s.decide_suspend(reason),
+            actor, correlation_id, idempotency_key, expected_version,
+        )
+
+    def resume(
+        self,
+        session_id: str | UUID,
+        *,
+        actor: str | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        """SUSPENDED -> ACTIVE."""
+        return self._command(
+            session_id, lambda s: s.decide_resume(),
+            actor, correlation_id, idempotency_key, expected_version,
+        )
+
+    def end(
+        self,
+        session_id: str | UUID,
+        outcome: str = "completed",
+        *,
+        actor: str | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        """End an ACTIVE or SUSPENDED session: outcome "completed", "failed" or "cancelled"."""
+        return self._command(
+            session_id, lambda s: s.decide_end(outcome),
+            actor, correlation_id, idempotency_key, expected_version,
+        )
+
+    def archive(
+        self,
+        session_id: str | UUID,
+        *,
+        actor: str | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        """Archive an ended session (COMPLETED, FAILED or CANCELLED -> ARCHIVED)."""
+        return self._command(
+            session_id, lambda s: s.decide_archive(),
+            actor, correlation_id, idempotency_key, expected_version,
+        )
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def get(self, session_id: str | UUID, *, refresh: bool = False) -> Session:
+        """The session as of its latest version (a copy: changing it changes nothing stored).
+
+        Served from the working set when loaded there; `refresh=True` reads the store, to see
+        what other engines committed since.
+        """
+        sid = parse_session_id(session_id)
+        with self._lock:
+            if refresh:
+                self._working_set.pop(sid, None)
+            session, _ = self._loaded(sid)
+            return session.copy()
+
+    def history(self, session_id: str | UUID) -> list[SessionEvent]:
+        """Every event of the session, in version order."""
+        sid = parse_session_id(session_id)
+        rows = self._store.history_rows(sid)
+        if not rows:
+            raise SessionNotFound(sid)
+        decode = self._codec.decode
+        return [
+            SessionEvent(sid, version, event_type, to_datetime(micros), actor, correlation,
+                         event_data(decode, sid, version, event_type, payload))
+            for version, event_type, micros, actor, correlation, payload in rows
+        ]
+
+    def list_sessions(self, limit: int = 100) -> list[Session]:
+        """The most recently created sessions, newest first, at their latest version."""
+        ids = [row[0] for row in self._store.started_sessions()[: max(0, limit)]]
+        return [self.get(sid) for sid in ids]
+
+    # -- internals ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _checked_meta(
+        actor: object, correlation_id: object, idempotency_key: object
+    ) -> tuple[str | None, str | None, str | None]:
+        return (
+            checked_optional_text(actor, "actor"),
+            checked_optional_text(correlation_id, "correlation_id"),
+            checked_optional_text(idempotency_key, "idempotency_key"),
+        )
+
+    def _command(
+        self,
+        session_id: str | UUID,
+        decide: Decision,
+        actor: str | None,
+        correlation_id: str | None,
+        idempotency_key: str | None,
+        expected_version: int | None,
+    ) -> int:
+        sid = parse_session_id(session_id)
+        actor, correlation_id, key = self._checked_meta(actor, correlation_id, idempotency_key)
+        with self._lock:
+            if key is not None:
+                used = self._store.idempotent_result(sid, key)
+                if used is not None:
+                    return used[1]
+            attempt = 0
+            while True:
+                session, head = self._loaded(sid)
+                if expected_version is not None and session.version != expected_version:
+                    raise ConcurrencyConflict(
+                        sid, expected_version, f"it is at version {session.version}"
+                    )
+                pending = decide(session)
+                if not pending:
+                    return session.version
+                # never let a session's clock run backwards, whatever the writers' clocks say
+                now = max(_now_us(), session.updated_us)
+                rows, new_head = self._encode(session, head, pending, actor, correlation_id, now)
+                last_version = rows[-1][1]
+                idem = None if key is None else (sid, key, sid, last_version)
+                try:
+                    self._store.append(rows, idem)
+                except VersionConflict:
+                    # another engine wrote this session meanwhile: re-read it and decide again
+                    self._working_set.pop(sid, None)
+                    if expected_version is not None or attempt >= self.config.retries:
+                        raise ConcurrencyConflict(
+                            sid, session.version, "another writer committed that version first"
+                        ) from None
+                    attempt += 1
+                    continue
+                except IdempotencyKeyUsed as used_key:
+                    self._working_set.pop(sid, None)
+                    return used_key.version
+                except BaseException:
+                    # a lost connection may leave the commit's fate unknown: re-read next time
+                    self._working_set.pop(sid, None)
+                    raise
+                for (event_type, data), row in zip(pending, rows):
+                    session.apply(event_type, data, row[1], now)
+                self._remember(session, new_head)
+                return last_version
+
+    def _encode(
+        self,
+        session: Session,
+        head: bytes,
+        pending: list[PendingEvent],
+        actor: str | None,
+        correlation_id: str | None,
+        now: int,
+    ) -> tuple[list[EventRow], bytes]:
+        """Stored rows for `pending` after `session.version`, and the new chain head."""
+        rows: list[EventRow] = []
+        sid = session.id
+        version = session.version
+        limit = self.config.max_event_bytes
+        for event_type, data in pending:
+            version += 1
+            payload, size = self._codec.encode(data, EVENT_SCHEMAS[event_type])
+            if size > limit:
+                raise EventTooLarge(sid, event_type, size, limit)
+            head = chain_digest(head, sid, version, event_type, now, actor, correlation_id,
+                                payload, self._chain_key)
+            rows.append((sid, version, event_type, now, actor, correlation_id, payload, head))
+        return rows, head
+
+    def _loaded(self, sid: str) -> tuple[Session, bytes]:
+        """The session at its latest version with its chain head: working set, else store."""
+        entry = self._working_set.get(sid)
+        if entry is not None:
+            self._working_set.move_to_end(sid)
+            return entry
+        session = Session(sid)
+        head = replay(session, self._store.load_rows(sid), self._codec.decode)
+        if head is None:
+            raise SessionNotFound(sid)
+        self._remember(session, head)
+        return session, head
+
+    def _replayed(self, sid: str, version: int) -> Session:
+        """The session as it was at `version`, replayed from the store."""
+        session = Session(sid)
+        replay(session, self._store.load_rows(sid, 0, version), self._codec.decode)
+        if session.version != version:
+            raise SessionNotFound(sid)
+        return session
+
+    def _remember(self, session: Session, head: bytes) -> None:
+        capacity = self.config.max_active_sessions
+        if capacity == 0:
+            return
+        working_set = self._working_set
+        working_set[session.id] = (session, head)
+        working_set.move_to_end(session.id)
+        while len(working_set) > capacity:
+            working_set.popitem(last=False)

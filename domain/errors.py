@@ -1,0 +1,94 @@
+"""Errors of sessionledger. Every error the library raises on purpose is a SessionLedgerError."""
+
+from __future__ import annotations
+
+
+class SessionLedgerError(Exception):
+    """Base class of every error sessionledger raises on purpose."""
+
+
+class InvalidArgument(SessionLedgerError, ValueError):
+    """An argument is out of range or of the wrong kind (a name, label, option or config value)."""
+
+
+class InvalidSessionId(InvalidArgument):
+    """A session id string that is not a UUID."""
+
+    def __init__(self, value: object) -> None:
+        super().__init__(f"invalid session id {value!r}: expected a UUID string")
+        self.value = value
+
+
+class SessionNotFound(SessionLedgerError, LookupError):
+    """No session with this id exists in the store."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id} not found")
+        self.session_id = session_id
+
+
+class InvalidTransition(SessionLedgerError):
+    """The operation is not allowed in the session's current status."""
+
+    def __init__(self, session_id: str, status: str, operation: str) -> None:
+        super().__init__(f"cannot {operation} session {session_id}: it is {status}")
+        self.session_id = session_id
+        self.status = status
+        self.operation = operation
+
+
+class CheckpointNotFound(SessionLedgerError, LookupError):
+    """A checkpoint label, save point or version to restore to does not exist."""
+
+    def __init__(self, session_id: str, what: str) -> None:
+        super().__init__(f"session {session_id} has no {what}")
+        self.session_id = session_id
+        self.what = what
+
+
+class ConcurrencyConflict(SessionLedgerError):
+    """Another writer changed the session first and the command was not applied."""
+
+    def __init__(self, session_id: str, expected_version: int, detail: str = "") -> None:
+        message = (
+            f"session {session_id} was changed by another writer "
+            f"(expected version {expected_version})"
+        )
+        super().__init__(message + (f": {detail}" if detail else ""))
+        self.session_id = session_id
+        self.expected_version = expected_version
+
+
+class UnsupportedValue(InvalidArgument, TypeError):
+    """A value the event encoding cannot carry; raised before anything is written."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"unsupported value at {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class EventTooLarge(InvalidArgument):
+    """An encoded event is larger than SessionConfig.max_event_bytes."""
+
+    def __init__(self, session_id: str, event_type: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"{event_type} of session {session_id} encodes to {size} bytes, "
+            f"above max_event_bytes={limit}"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class StorageError(SessionLedgerError):
+    """The database cannot be reached, opened or used (bad URL, refused connection, not a db)."""
+
+
+class CorruptedData(SessionLedgerError):
+    """Stored bytes that do not decode: the store was damaged or written by something else."""
+
+    def __init__(self, session_id: str, version: int | None, detail: str) -> None:
+        where = f"session {session_id}" + (f" version {version}" if version is not None else "")
+        super().__init__(f"corrupted data in {where}: {detail}")
+        self.session_id = session_id
+        self.version = version

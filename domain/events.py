@@ -1,0 +1,86 @@
+"""Session events: stable type names, their current schema versions and upcasters.
+
+Stored events name their type with these strings, never a Python path, so renaming a module
+never breaks a database. Each type has a schema version; an event stored with an older schema
+is brought to the current shape by the upcasters below, one step at a time, when it is read.
+
+Why not `eventsourcing.domain.Aggregate` events: the issue's load target (a 1,000-event session
+in 1.5 ms, decode included) leaves about 1.5 µs per event, while a decorated eventsourcing
+aggregate replays at about 21 µs per event here (see benchmarks/). Events are therefore plain
+(type, data) pairs applied by one function per type, shared by loading, snapshots and queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+SESSION_STARTED = "SessionStarted"
+STATE_CHANGED = "StateChanged"
+EVENT_RECORDED = "EventRecorded"
+CHECKPOINT_TAKEN = "CheckpointTaken"
+SESSION_SAVED = "SessionSaved"
+SESSION_RESTORED = "SessionRestored"
+SESSION_SUSPENDED = "SessionSuspended"
+SESSION_RESUMED = "SessionResumed"
+SESSION_ENDED = "SessionEnded"
+SESSION_ARCHIVED = "SessionArchived"
+
+#: stable type name -> current schema version of its data
+EVENT_SCHEMAS: dict[str, int] = {
+    SESSION_STARTED: 1,
+    STATE_CHANGED: 1,
+    EVENT_RECORDED: 1,
+    CHECKPOINT_TAKEN: 1,
+    SESSION_SAVED: 1,
+    SESSION_RESTORED: 1,
+    SESSION_SUSPENDED: 1,
+    SESSION_RESUMED: 1,
+    SESSION_ENDED: 1,
+    SESSION_ARCHIVED: 1,
+}
+EVENT_TYPES = frozenset(EVENT_SCHEMAS)
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+#: (type, schema version) -> function that turns that shape into the next schema version
+UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+def upcast(event_type: str, schema: int, data: dict[str, Any]) -> dict[str, Any]:
+    """Bring `data` stored at `schema` to the current schema of `event_type`."""
+    current = EVENT_SCHEMAS[event_type]
+    while schema < current:
+        data = UPCASTERS[(event_type, schema)](data)
+        schema += 1
+    return data
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def to_datetime(micros: int) -> datetime:
+    """Microseconds since the epoch (how timestamps are stored) as an aware UTC datetime."""
+    return EPOCH + timedelta(microseconds=micros)
+
+
+def to_micros(moment: datetime) -> int:
+    """An aware datetime (naive ones are taken as UTC) as microseconds since the epoch."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """One committed event of a session's stream, as history() returns it."""
+
+    session_id: str
+    version: int
+    type: str
+    timestamp: datetime
+    actor: str | None
+    correlation_id: str | None
+    data: dict[str, Any]

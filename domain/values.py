@@ -1,0 +1,110 @@
+"""Validation of user values: what a session's state, metadata and payloads may hold.
+
+Allowed: None, bool, int (64-bit), float, str, bytes, list (tuples become lists), dict with str
+keys, datetime, UUID and Decimal. Everything else raises UnsupportedValue naming the key path,
+before anything is written. The walk also copies containers, so a caller mutating its own dict
+afterwards never changes what the engine holds.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from .errors import InvalidArgument, UnsupportedValue
+
+MIN_INT = -(2**63)
+MAX_INT = 2**64 - 1
+MAX_DEPTH = 100
+MAX_NAME_LENGTH = 256
+MAX_LABEL_LENGTH = 256
+
+_SCALARS = (str, float, bool, type(None), datetime, UUID, Decimal)
+
+
+def checked_copy(value: Any, path: str) -> Any:
+    """Return a copy of `value` safe to store, or raise UnsupportedValue naming the path."""
+    return _checked(value, path, 0)
+
+
+def _checked(value: Any, path: str, depth: int) -> Any:
+    kind = type(value)
+    if kind is str or kind is float or kind is bool or value is None:
+        return value
+    if kind is int:
+        if MIN_INT <= value <= MAX_INT:
+            return value
+        raise UnsupportedValue(path, "integer outside the 64-bit range")
+    if kind is dict:
+        if depth >= MAX_DEPTH:
+            raise UnsupportedValue(path, f"nested deeper than {MAX_DEPTH} levels")
+        out = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise UnsupportedValue(
+                    f"{path}[{key!r}]", f"dict key of type {type(key).__name__}, keys must be str"
+                )
+            out[key] = _checked(item, f"{path}.{key}", depth + 1)
+        return out
+    if kind is list or kind is tuple:
+        if depth >= MAX_DEPTH:
+            raise UnsupportedValue(path, f"nested deeper than {MAX_DEPTH} levels")
+        return [_checked(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+    if kind is bytes:
+        return value
+    if kind is bytearray or kind is memoryview:
+        return bytes(value)
+    if isinstance(value, _SCALARS) and not isinstance(value, bool | int):
+        # subclasses of str/float and datetime/UUID/Decimal (str-enums are stored as plain str)
+        if isinstance(value, str):
+            return str(value)
+        if isinstance(value, float):
+            return float(value)
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _checked(int(value), path, depth)
+    raise UnsupportedValue(path, f"type {kind.__name__} is not supported")
+
+
+def checked_mapping(value: Any, path: str) -> dict[str, Any]:
+    """A dict of storable values (state, metadata, a delta)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UnsupportedValue(path, f"expected a dict, got {type(value).__name__}")
+    result: dict[str, Any] = _checked(value, path, 0)
+    return result
+
+
+def checked_text(value: Any, what: str, max_length: int = MAX_NAME_LENGTH) -> str:
+    """A non-empty name or label of at most `max_length` characters."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a str, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidArgument(f"{what} must not be empty")
+    if len(value) > max_length:
+        raise InvalidArgument(f"{what} is {len(value)} characters long, at most {max_length}")
+    if any(ord(c) < 32 for c in value):
+        raise InvalidArgument(f"{what} must not contain control characters")
+    return str(value)
+
+
+def checked_optional_text(value: Any, what: str, max_length: int = MAX_NAME_LENGTH) -> str | None:
+    """None, or a checked_text."""
+    return None if value is None else checked_text(value, what, max_length)
+
+
+def checked_tags(value: Any) -> list[str]:
+    """A list of distinct non-empty tags, order kept."""
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
+        raise InvalidArgument(f"tags must be a list of str, got {type(value).__name__}")
+    tags: list[str] = []
+    for tag in value:
+        text = checked_text(tag, "tag", MAX_LABEL_LENGTH)
+        if text not in tags:
+            tags.append(text)
+    return tags

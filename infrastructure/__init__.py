@@ -1,0 +1,1 @@
+"""Storage, encoding and subscription plumbing."""

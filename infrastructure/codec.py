@@ -1,0 +1,128 @@
+"""Event encoding: msgpack bodies with ext types, lz4 above a size threshold, blake3 chain digests.
+
+Stored payload layout: one flags byte (bit 0: lz4), one schema-version byte, then the body.
+Nothing is pickled; datetime, UUID and Decimal travel as msgpack ext types and round-trip exactly
+(an aware datetime keeps its UTC offset as a fixed offset).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import blake3
+import lz4.block
+import msgpack
+from eventsourcing.persistence import Compressor, Transcoder
+
+from sessionledger.domain.errors import CorruptedData, UnsupportedValue
+
+EXT_DATETIME = 1
+EXT_UUID = 2
+EXT_DECIMAL = 3
+
+FLAG_LZ4 = 0x01
+KNOWN_FLAGS = FLAG_LZ4
+DIGEST_SIZE = 32
+GENESIS_DIGEST = b"\x00" * DIGEST_SIZE
+
+
+def _default(obj: Any) -> msgpack.ExtType:
+    if isinstance(obj, datetime):
+        return msgpack.ExtType(EXT_DATETIME, obj.isoformat().encode())
+    if isinstance(obj, UUID):
+        return msgpack.ExtType(EXT_UUID, obj.bytes)
+    if isinstance(obj, Decimal):
+        return msgpack.ExtType(EXT_DECIMAL, str(obj).encode())
+    raise TypeError(f"type {type(obj).__name__} is not supported")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == EXT_DATETIME:
+        return datetime.fromisoformat(data.decode())
+    if code == EXT_UUID:
+        return UUID(bytes=data)
+    if code == EXT_DECIMAL:
+        return Decimal(data.decode())
+    raise ValueError(f"unknown msgpack ext type {code}")
+
+
+class MsgpackTranscoder(Transcoder):
+    """eventsourcing's Transcoder interface over msgpack with our ext types."""
+
+    def encode(self, obj: Any) -> bytes:
+        try:
+            data: bytes = msgpack.packb(obj, default=_default, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as error:
+            # values are checked by the domain before they get here; this is the last guard
+            raise UnsupportedValue("value", str(error)) from error
+        return data
+
+    def decode(self, data: bytes) -> Any:
+        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=True)
+
+
+class Lz4Compressor(Compressor):
+    """eventsourcing's Compressor interface over lz4 block compression (the fastest lz4 mode)."""
+
+    def compress(self, data: bytes) -> bytes:
+        compressed: bytes = lz4.block.compress(data, store_size=True)
+        return compressed
+
+    def decompress(self, data: bytes) -> bytes:
+        decompressed: bytes = lz4.block.decompress(data)
+        return decompressed
+
+
+class PayloadCodec:
+    """Turns event data into stored payload bytes and back."""
+
+    def __init__(self, compress_threshold: int = 1024) -> None:
+        self.transcoder = MsgpackTranscoder()
+        self.compressor = Lz4Compressor()
+        self.compress_threshold = compress_threshold
+
+    def encode(self, data: Any, schema: int) -> tuple[bytes, int]:
+        """(stored payload, size of the uncompressed body)."""
+        body = self.transcoder.encode(data)
+        size = len(body)
+        if size > self.compress_threshold:
+            packed = self.compressor.compress(body)
+            if len(packed) < size:
+                return bytes((FLAG_LZ4, schema)) + packed, size
+        return bytes((0, schema)) + body, size
+
+    def decode(self, payload: bytes, session_id: str, version: int | None) -> tuple[int, Any]:
+        """(schema version, data); CorruptedData when the bytes do not decode."""
+        try:
+            flags = payload[0]
+            schema = payload[1]
+            body = payload[2:]
+            if flags & FLAG_LZ4:
+                body = self.compressor.decompress(body)
+            if flags & ~KNOWN_FLAGS:
+                raise ValueError(f"unknown payload flags {flags:#x}")
+            return schema, self.transcoder.decode(body)
+        except Exception as error:  # any failure to decode is damage; never serve it
+            raise CorruptedData(session_id, version, f"payload does not decode ({error})") from None
+
+
+def chain_digest(
+    previous: bytes,
+    session_id: str,
+    version: int,
+    event_type: str,
+    micros: int,
+    actor: str | None,
+    correlation_id: str | None,
+    payload: bytes,
+    key: bytes | None = None,
+) -> bytes:
+    """blake3 over the previous digest and everything stored for one event (keyed if `key`)."""
+    header = msgpack.packb((session_id, version, event_type, micros, actor, correlation_id))
+    data = previous + header + payload
+    hasher = blake3.blake3(data, key=key) if key is not None else blake3.blake3(data)
+    digest: bytes = hasher.digest()
+    return digest

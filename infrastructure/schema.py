@@ -1,0 +1,59 @@
+"""The stored shape, owned by SQLAlchemy: tables are created on first use on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    UniqueConstraint,
+)
+
+#: bumped when a stored shape changes incompatibly; a database newer than this is refused
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+# One row per event. `position` is the global commit order (SQLite: AUTOINCREMENT, never reused
+# even after a purge; PostgreSQL: an identity). The unique (session_id, version) gives optimistic
+# concurrency: two writers of the same next version cannot both commit.
+events = Table(
+    "sl_events",
+    metadata,
+    Column("position", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("session_id", String(36), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("ts", BigInteger, nullable=False),  # microseconds since the epoch, UTC
+    Column("actor", String(256)),
+    Column("correlation_id", String(256)),
+    Column("payload", LargeBinary, nullable=False),
+    Column("digest", LargeBinary, nullable=False),  # blake3 chain over the session's events
+    UniqueConstraint("session_id", "version", name="sl_events_session_version"),
+    sqlite_autoincrement=True,
+)
+
+# Idempotency keys: a command retried with a key already used writes nothing and returns the
+# first result. `scope` is the session id, or "create" for create().
+idempotency = Table(
+    "sl_idempotency",
+    metadata,
+    Column("scope", String(64), nullable=False),
+    Column("key", String(256), nullable=False),
+    Column("session_id", String(36), nullable=False),
+    Column("version", Integer, nullable=False),
+    PrimaryKeyConstraint("scope", "key", name="sl_idempotency_pk"),
+)
+
+meta = Table(
+    "sl_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+)
