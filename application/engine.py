@@ -401,7 +401,7 @@ class SessionEngine:
                     # a lost connection may leave the commit's fate unknown: re-read next time
                     self._working_set.pop(sid, None)
                     raise
-                for (event_type, data), row in zip(pending, rows):
+                for (event_type, data), row in zip(pending, rows, strict=True):
                     session.apply(event_type, data, row[1], now)
                 self._remember(session, new_head)
                 return last_version

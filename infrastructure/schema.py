@@ -1,4 +1,4 @@
-"""The stored shape, owned by SQLAlchemy: tables are created on first use on SQLite and PostgreSQL."""
+"""The stored shape, owned by SQLAlchemy: tables are created on first use (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -73,6 +73,11 @@ def resolve_url(url: str | URL | None) -> URL:
     return parsed
 
 
+def one_line(error: BaseException) -> str:
+    """A driver's message on one line (psycopg's span several)."""
+    return " ".join(str(error).split())
+
+
 def safe_url(url: URL) -> str:
     """The URL with its password hidden, for messages."""
     return url.render_as_string(hide_password=True)
@@ -90,7 +95,8 @@ class EventStore:
         with self._storage_errors("open"):
             self._create_schema()
             self._fairy = self.engine.raw_connection()
-        self._db: Any = self._fairy.driver_connection
+        # the driver's own connection (sqlite3 / psycopg), typed loosely: the two differ
+        self._db: Any = cast(Any, self._fairy.dbapi_connection)
         if self.dialect == "sqlite":
             # explicit BEGIN IMMEDIATE / COMMIT: take the write lock up front, never mid-way
             self._db.isolation_level = None
@@ -166,7 +172,7 @@ class EventStore:
         except (sa.exc.SQLAlchemyError, OSError) as error:
             original = getattr(error, "orig", None) or error
             raise StorageError(
-                f"cannot {doing} database {safe_url(self.url)}: {original}".strip()
+                f"cannot {doing} database {safe_url(self.url)}: {one_line(original)}"
             ) from None
 
     def close(self) -> None:
@@ -220,7 +226,7 @@ class EventStore:
                 self._rollback_quietly()
                 if isinstance(error, self._dbapi_error):
                     raise StorageError(
-                        f"write to {safe_url(self.url)} failed: {error}"
+                        f"write to {safe_url(self.url)} failed: {one_line(error)}"
                     ) from None
                 raise
 
@@ -240,7 +246,9 @@ class EventStore:
             try:
                 rows: list[Any] = self._db.execute(sql, params).fetchall()
             except self._dbapi_error as error:
-                raise StorageError(f"read from {safe_url(self.url)} failed: {error}") from None
+                raise StorageError(
+                    f"read from {safe_url(self.url)} failed: {one_line(error)}"
+                ) from None
             return rows
 
     def load_rows(
