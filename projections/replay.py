@@ -47,7 +47,7 @@ def replay(
     session_id = session.id
     expected = session.version + 1
     digest = None
-    for version, event_type, micros, payload, digest in rows:
+    for version, event_type, micros, payload, row_digest in rows:
         if version != expected:
             raise CorruptedData(session_id, expected, f"event version {expected} is missing")
         data = event_data(decode, session_id, version, event_type, payload)
@@ -58,4 +58,5 @@ def replay(
                 session_id, version, f"{event_type} data has the wrong shape ({error!r})"
             ) from None
         expected += 1
+        digest = row_digest
     return digest
