@@ -92,19 +92,10 @@ class EventStore:
         self._lock = threading.RLock()
         self._closed = False
         self.engine = self._create_engine(durability)
+        self._begin = "BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN"
         with self._storage_errors("open"):
             self._create_schema()
-            self._fairy = self.engine.raw_connection()
-        # the driver's own connection (sqlite3 / psycopg), typed loosely: the two differ
-        self._db: Any = cast(Any, self._fairy.dbapi_connection)
-        if self.dialect == "sqlite":
-            # explicit BEGIN IMMEDIATE / COMMIT: take the write lock up front, never mid-way
-            self._db.isolation_level = None
-            self._begin = "BEGIN IMMEDIATE"
-        else:
-            # reads run in autocommit (one round trip, no idle-in-transaction); writes BEGIN
-            self._db.autocommit = True
-            self._begin = "BEGIN"
+            self._connect()
         self._integrity_error: type[Exception] = self.engine.dialect.loaded_dbapi.IntegrityError
         self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
         self._sql = _Statements(self.dialect)
@@ -139,6 +130,27 @@ class EventStore:
         except Exception as error:
             raise StorageError(f"cannot use database {safe_url(url)}: {error}") from None
         return engine
+
+    def _connect(self) -> None:
+        """Take the connection the hot path uses for the store's life (re-taken if it breaks)."""
+        self._fairy = self.engine.raw_connection()
+        # the driver's own connection (sqlite3 / psycopg), typed loosely: the two differ
+        self._db: Any = cast(Any, self._fairy.dbapi_connection)
+        if self.dialect == "sqlite":
+            # explicit BEGIN IMMEDIATE / COMMIT: take the write lock up front, never mid-way
+            self._db.isolation_level = None
+        else:
+            # reads run in autocommit (one round trip, no idle-in-transaction); writes BEGIN
+            self._db.autocommit = True
+
+    def _reconnect_if_broken(self) -> None:
+        # A PostgreSQL server restart or a dropped TCP connection leaves psycopg's connection
+        # closed; take a fresh one so the next call works again.
+        if self.dialect == "postgresql" and self._db.closed:
+            with contextlib.suppress(Exception):
+                self._fairy.invalidate()
+            with self._storage_errors("reconnect to"):
+                self._connect()
 
     def _create_schema(self) -> None:
         # Several processes may open a new database at once: a lost creation race is retried.
@@ -225,6 +237,7 @@ class EventStore:
             except BaseException as error:
                 self._rollback_quietly()
                 if isinstance(error, self._dbapi_error):
+                    self._reconnect_if_broken()
                     raise StorageError(
                         f"write to {safe_url(self.url)} failed: {one_line(error)}"
                     ) from None
@@ -246,6 +259,7 @@ class EventStore:
             try:
                 rows: list[Any] = self._db.execute(sql, params).fetchall()
             except self._dbapi_error as error:
+                self._reconnect_if_broken()
                 raise StorageError(
                     f"read from {safe_url(self.url)} failed: {one_line(error)}"
                 ) from None
