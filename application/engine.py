@@ -16,29 +16,33 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from sessionledger.domain.errors import (
+    CheckpointNotFound,
     ConcurrencyConflict,
-    EventTooLarge,
     InvalidSessionId,
+    InvalidTransition,
     SessionNotFound,
 )
-from sessionledger.domain.events import EVENT_SCHEMAS, SessionEvent, to_datetime
+from sessionledger.domain.events import EVENT_SCHEMAS, SessionEvent
 from sessionledger.domain.session import PendingEvent, Session
 from sessionledger.domain.values import checked_optional_text
-from sessionledger.infrastructure.codec import GENESIS_DIGEST, PayloadCodec, chain_digest
+from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec, EventRow
 from sessionledger.infrastructure.store import (
-    EventRow,
     EventStore,
     IdempotencyKeyUsed,
     VersionConflict,
     safe_url,
 )
-from sessionledger.projections.replay import event_data, replay
+from sessionledger.projections.replay import replay, session_events
 
 from .config import SessionConfig
 
 Decision = Callable[[Session], list[PendingEvent]]
 
 _CREATE_SCOPE = "create"
+
+#: errors a decision taken on a working-set copy may owe to that copy being stale (another
+#: engine moved the session on): the command re-reads the store and decides again once
+_STALE_DECISION_ERRORS = (InvalidTransition, CheckpointNotFound, ConcurrencyConflict)
 
 
 def parse_session_id(value: object) -> str:
@@ -71,8 +75,8 @@ class SessionEngine:
     def __init__(self, url: str | None = None, config: SessionConfig | None = None) -> None:
         self.config = config if config is not None else SessionConfig()
         self._store = EventStore(url, self.config.durability)
-        self._codec = PayloadCodec(self.config.compress_threshold)
-        self._chain_key = self.config.chain_key()
+        self._codec = EventCodec(self.config.compress_threshold, self.config.max_event_bytes,
+                                 self.config.chain_key())
         self._lock = threading.RLock()
         # the working set: session id -> (session, digest of its last event), LRU order
         self._working_set: OrderedDict[str, tuple[Session, bytes]] = OrderedDict()
@@ -136,15 +140,14 @@ class SessionEngine:
                 self._loaded(parent_id)  # SessionNotFound for an unknown parent
             session = Session(str(uuid4()))
             now = _now_us()
-            rows, head = self._encode(session, GENESIS_DIGEST, [pending], actor, correlation_id,
-                                      now)
+            rows = self._encode(session, GENESIS_DIGEST, [pending], actor, correlation_id, now)
             idem = None if key is None else (_CREATE_SCOPE, key, session.id, 1)
             try:
                 self._store.append(rows, idem)
             except IdempotencyKeyUsed as used_key:
                 return used_key.session_id
             session.apply(pending[0], pending[1], 1, now)
-            self._remember(session, head)
+            self._remember(session, rows[-1][7])
             return session.id
 
     def update(
@@ -319,21 +322,15 @@ class SessionEngine:
         with self._lock:
             if refresh:
                 self._working_set.pop(sid, None)
-            session, _ = self._loaded(sid)
-            return session.copy()
+            return self._loaded(sid)[0].copy()
 
     def history(self, session_id: str | UUID) -> list[SessionEvent]:
         """Every event of the session, in version order."""
         sid = parse_session_id(session_id)
-        rows = self._store.history_rows(sid)
-        if not rows:
+        stored = self._store.stream(sid)
+        if not stored:
             raise SessionNotFound(sid)
-        decode = self._codec.decode
-        return [
-            SessionEvent(sid, version, event_type, to_datetime(micros), actor, correlation,
-                         event_data(decode, sid, version, event_type, payload))
-            for version, event_type, micros, actor, correlation, payload in rows
-        ]
+        return session_events(sid, self._codec.decode(sid, stored))
 
     def list_sessions(self, limit: int = 100) -> list[Session]:
         """The most recently created sessions, newest first, at their latest version."""
@@ -370,18 +367,28 @@ class SessionEngine:
                     return used[1]
             attempt = 0
             while True:
-                session, head = self._loaded(sid)
-                if expected_version is not None and session.version != expected_version:
-                    raise ConcurrencyConflict(
-                        sid, expected_version, f"it is at version {session.version}"
-                    )
-                pending = decide(session)
-                if not pending:
+                session, head, cached = self._loaded(sid)
+                try:
+                    if expected_version is not None and session.version != expected_version:
+                        raise ConcurrencyConflict(
+                            sid, expected_version, f"it is at version {session.version}"
+                        )
+                    pending = decide(session)
+                    stored_version = self._store.latest_version if cached and not pending else None
+                    if stored_version is not None and stored_version(sid) != session.version:
+                        # "nothing to change" was decided on a stale copy: decide again
+                        raise ConcurrencyConflict(sid, session.version, "stale working set")
+                except _STALE_DECISION_ERRORS:
+                    if not cached:
+                        raise
+                    self._working_set.pop(sid, None)
+                    continue
+                if not pending and key is None:
                     return session.version
                 # never let a session's clock run backwards, whatever the writers' clocks say
                 now = max(_now_us(), session.updated_us)
-                rows, new_head = self._encode(session, head, pending, actor, correlation_id, now)
-                last_version = rows[-1][1]
+                rows = self._encode(session, head, pending, actor, correlation_id, now)
+                last_version = rows[-1][1] if rows else session.version
                 idem = None if key is None else (sid, key, sid, last_version)
                 try:
                     self._store.append(rows, idem)
@@ -401,9 +408,10 @@ class SessionEngine:
                     # a lost connection may leave the commit's fate unknown: re-read next time
                     self._working_set.pop(sid, None)
                     raise
-                for (event_type, data), row in zip(pending, rows, strict=True):
-                    session.apply(event_type, data, row[1], now)
-                self._remember(session, new_head)
+                if rows:
+                    for (event_type, data), row in zip(pending, rows, strict=True):
+                        session.apply(event_type, data, row[1], now)
+                    self._remember(session, rows[-1][7])
                 return last_version
 
     def _encode(
@@ -414,39 +422,34 @@ class SessionEngine:
         actor: str | None,
         correlation_id: str | None,
         now: int,
-    ) -> tuple[list[EventRow], bytes]:
-        """Stored rows for `pending` after `session.version`, and the new chain head."""
-        rows: list[EventRow] = []
-        sid = session.id
-        version = session.version
-        limit = self.config.max_event_bytes
-        for event_type, data in pending:
-            version += 1
-            payload, size = self._codec.encode(data, EVENT_SCHEMAS[event_type])
-            if size > limit:
-                raise EventTooLarge(sid, event_type, size, limit)
-            head = chain_digest(head, sid, version, event_type, now, actor, correlation_id,
-                                payload, self._chain_key)
-            rows.append((sid, version, event_type, now, actor, correlation_id, payload, head))
-        return rows, head
+    ) -> list[EventRow]:
+        """Stored rows for `pending` after `session.version` (chain digest `head`)."""
+        return self._codec.encode(
+            session.id, session.version, head,
+            [(event_type, EVENT_SCHEMAS[event_type], data) for event_type, data in pending],
+            now, actor, correlation_id,
+        )
 
-    def _loaded(self, sid: str) -> tuple[Session, bytes]:
-        """The session at its latest version with its chain head: working set, else store."""
+    def _loaded(self, sid: str) -> tuple[Session, bytes, bool]:
+        """(session at its latest version, its chain head, whether it came from the working
+        set rather than the store)."""
         entry = self._working_set.get(sid)
         if entry is not None:
             self._working_set.move_to_end(sid)
-            return entry
-        session = Session(sid)
-        head = replay(session, self._store.load_rows(sid), self._codec.decode)
-        if head is None:
+            return entry[0], entry[1], True
+        stored = self._store.stream(sid)
+        if not stored:
             raise SessionNotFound(sid)
+        session = Session(sid)
+        replay(session, self._codec.decode(sid, stored))
+        head = stored[-1][6]
         self._remember(session, head)
-        return session, head
+        return session, head, False
 
     def _replayed(self, sid: str, version: int) -> Session:
         """The session as it was at `version`, replayed from the store."""
         session = Session(sid)
-        replay(session, self._store.load_rows(sid, 0, version), self._codec.decode)
+        replay(session, self._codec.decode(sid, self._store.stream(sid, 0, version)))
         if session.version != version:
             raise SessionNotFound(sid)
         return session

@@ -43,6 +43,10 @@ EVENT_SCHEMAS: dict[str, int] = {
 }
 EVENT_TYPES = frozenset(EVENT_SCHEMAS)
 
+#: a checked, decoded event of one stream, as storage hands it to projections:
+#: (version, type, ts in microseconds, actor, correlation_id, schema version, data)
+DecodedEvent = tuple[int, str, int, "str | None", "str | None", int, Any]
+
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 #: (type, schema version) -> function that turns that shape into the next schema version

@@ -21,6 +21,7 @@ from .values import (
     checked_optional_text,
     checked_tags,
     checked_text,
+    same_value,
 )
 
 #: an event a command decided on, not yet stored: (type, data)
@@ -132,8 +133,8 @@ class Session:
             if not isinstance(key, str):
                 raise InvalidArgument(f"delete key {key!r} is not a str")
         to_delete = sorted({k for k in delete if k in self.state and k not in to_set})
-        to_set = {k: v for k, v in to_set.items() if k not in self.state or self.state[k] != v
-                  or type(self.state[k]) is not type(v)}
+        state = self.state
+        to_set = {k: v for k, v in to_set.items() if k not in state or not same_value(state[k], v)}
         if not to_set and not to_delete:
             return []
         return [(ev.STATE_CHANGED, {"set": to_set, "delete": to_delete})]

@@ -8,7 +8,9 @@ afterwards never changes what the engine holds.
 
 from __future__ import annotations
 
-from datetime import datetime
+import struct
+import unicodedata
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -31,7 +33,13 @@ def checked_copy(value: Any, path: str) -> Any:
 
 def _checked(value: Any, path: str, depth: int) -> Any:
     kind = type(value)
-    if kind is str or kind is float or kind is bool or value is None:
+    if kind is str:
+        # msgpack carries UTF-8: a lone surrogate cannot travel (isascii keeps the common case
+        # to one C-speed scan)
+        if not value.isascii():
+            _check_encodable(value, path)
+        return value
+    if kind is float or kind is bool or value is None:
         return value
     if kind is int:
         if MIN_INT <= value <= MAX_INT:
@@ -56,16 +64,60 @@ def _checked(value: Any, path: str, depth: int) -> Any:
         return value
     if kind is bytearray or kind is memoryview:
         return bytes(value)
+    if kind is datetime:
+        return _stored_datetime(value)
     if isinstance(value, _SCALARS) and not isinstance(value, bool | int):
         # subclasses of str/float and datetime/UUID/Decimal (str-enums are stored as plain str)
         if isinstance(value, str):
-            return str(value)
+            return _checked(str(value), path, depth)
         if isinstance(value, float):
             return float(value)
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return _checked(int(value), path, depth)
     raise UnsupportedValue(path, f"type {kind.__name__} is not supported")
+
+
+def _stored_datetime(moment: datetime) -> datetime:
+    """The datetime as the store gives it back: a zone (ZoneInfo, ...) becomes its fixed UTC
+    offset at that instant, so what the engine holds equals what a reload returns."""
+    tz = moment.tzinfo
+    if tz is None or type(tz) is timezone:
+        return moment
+    offset = moment.utcoffset()
+    return moment if offset is None else moment.replace(tzinfo=timezone(offset))
+
+
+def _check_encodable(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise UnsupportedValue(
+            path, f"str with a lone surrogate at position {error.start} is not valid Unicode"
+        ) from None
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Exact equality of stored values, stricter than ==.
+
+    Python's == says 1 == 1.0 == True, Decimal("1.0") == Decimal("1.00"), equal instants in two
+    UTC offsets are equal, and NaN != NaN; each of those would make a delta drop a real change
+    (or write a change that is none). Floats compare by their bits.
+    """
+    kind = type(a)
+    if kind is not type(b):
+        return False
+    if kind is dict:
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if kind is list:
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    if kind is float:
+        return bool(struct.pack("<d", a) == struct.pack("<d", b))
+    if kind is Decimal:
+        return str(a) == str(b)
+    if kind is datetime:
+        return bool(a == b and a.utcoffset() == b.utcoffset())
+    return bool(a == b)
 
 
 def checked_mapping(value: Any, path: str) -> dict[str, Any]:
@@ -86,8 +138,17 @@ def checked_text(value: Any, what: str, max_length: int = MAX_NAME_LENGTH) -> st
         raise InvalidArgument(f"{what} must not be empty")
     if len(value) > max_length:
         raise InvalidArgument(f"{what} is {len(value)} characters long, at most {max_length}")
-    if any(ord(c) < 32 for c in value):
-        raise InvalidArgument(f"{what} must not contain control characters")
+    # isprintable() is false for every control character (C0, DEL, C1) and surrogate, and also
+    # for separators such as U+00A0, which are allowed: look closer only when it is false
+    if not value.isprintable():
+        for char in value:
+            category = unicodedata.category(char)
+            if category == "Cc":
+                raise InvalidArgument(
+                    f"{what} must not contain control characters (U+{ord(char):04X})"
+                )
+            if category == "Cs":
+                raise InvalidArgument(f"{what} must be valid Unicode (a lone surrogate)")
     return str(value)
 
 

@@ -1,5 +1,8 @@
 """Event encoding: msgpack bodies with ext types, lz4 above a size threshold, blake3 chain digests.
 
+Reading checks as it decodes: versions must follow each other and every event's chain digest must
+match what was stored, so a changed byte that still decodes is never served as a session's data.
+
 Stored payload layout: one flags byte (bit 0: lz4), one schema-version byte, then the body.
 Nothing is pickled; datetime, UUID and Decimal travel as msgpack ext types and round-trip exactly
 (an aware datetime keeps its UTC offset as a fixed offset).
@@ -17,7 +20,8 @@ import lz4.block
 import msgpack
 from eventsourcing.persistence import Compressor, Transcoder
 
-from sessionledger.domain.errors import CorruptedData, UnsupportedValue
+from sessionledger.domain.errors import CorruptedData, EventTooLarge, UnsupportedValue
+from sessionledger.domain.events import DecodedEvent
 
 EXT_DATETIME = 1
 EXT_UUID = 2
@@ -49,12 +53,18 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise ValueError(f"unknown msgpack ext type {code}")
 
 
+# msgpack.packb builds a new Packer on every call; one kept Packer packs the same bytes at about
+# half the cost (it holds the GIL while packing, so threads can share it).
+_body_packer = msgpack.Packer(default=_default, use_bin_type=True)
+_header_packer = msgpack.Packer(use_bin_type=True)
+
+
 class MsgpackTranscoder(Transcoder):
     """eventsourcing's Transcoder interface over msgpack with our ext types."""
 
     def encode(self, obj: Any) -> bytes:
         try:
-            data: bytes = msgpack.packb(obj, default=_default, use_bin_type=True)
+            data: bytes = _body_packer.pack(obj)
         except (TypeError, ValueError, OverflowError) as error:
             # values are checked by the domain before they get here; this is the last guard
             raise UnsupportedValue("value", str(error)) from error
@@ -121,8 +131,81 @@ def chain_digest(
     key: bytes | None = None,
 ) -> bytes:
     """blake3 over the previous digest and everything stored for one event (keyed if `key`)."""
-    header = msgpack.packb((session_id, version, event_type, micros, actor, correlation_id))
+    header = _header_packer.pack((session_id, version, event_type, micros, actor, correlation_id))
     data = previous + header + payload
     hasher = blake3.blake3(data, key=key) if key is not None else blake3.blake3(data)
     digest: bytes = hasher.digest()
     return digest
+
+
+#: one event as the store holds it: (session_id, version, type, ts, actor, correlation_id,
+#: payload, digest)
+EventRow = tuple[str, int, str, int, str | None, str | None, bytes, bytes]
+#: one event of a stream as read back: (version, type, ts, actor, correlation_id, payload, digest)
+StoredEvent = tuple[int, str, int, str | None, str | None, bytes, bytes]
+
+
+class EventCodec:
+    """Encodes decided events into chained rows and checks and decodes stored streams."""
+
+    def __init__(
+        self, compress_threshold: int = 1024, max_event_bytes: int = 1 << 20,
+        chain_key: bytes | None = None,
+    ) -> None:
+        self.payloads = PayloadCodec(compress_threshold)
+        self.max_event_bytes = max_event_bytes
+        self.chain_key = chain_key
+
+    def encode(
+        self,
+        session_id: str,
+        after: int,
+        head: bytes,
+        events: list[tuple[str, int, Any]],
+        micros: int,
+        actor: str | None,
+        correlation_id: str | None,
+    ) -> list[EventRow]:
+        """Rows for `events` ((type, schema, data), ...) following version `after` whose chain
+        digest is `head`. EventTooLarge before anything is written."""
+        rows: list[EventRow] = []
+        version = after
+        for event_type, schema, data in events:
+            version += 1
+            payload, size = self.payloads.encode(data, schema)
+            if size > self.max_event_bytes:
+                raise EventTooLarge(session_id, event_type, size, self.max_event_bytes)
+            head = chain_digest(head, session_id, version, event_type, micros, actor,
+                                correlation_id, payload, self.chain_key)
+            rows.append((session_id, version, event_type, micros, actor, correlation_id,
+                         payload, head))
+        return rows
+
+    def decode(
+        self, session_id: str, stored: list[StoredEvent], after: int = 0,
+        head: bytes = GENESIS_DIGEST,
+    ) -> list[DecodedEvent]:
+        """Check and decode the events that follow version `after` (chain digest `head`).
+
+        CorruptedData (naming session and version) for a missing version, a digest that does
+        not match (a changed byte, an event moved from elsewhere) or bytes that do not decode.
+        """
+        decoded: list[DecodedEvent] = []
+        expected = after + 1
+        key = self.chain_key
+        decode = self.payloads.decode
+        for version, event_type, micros, actor, correlation_id, payload, digest in stored:
+            if version != expected:
+                raise CorruptedData(session_id, expected, f"event version {expected} is missing")
+            head = chain_digest(head, session_id, version, event_type, micros, actor,
+                                correlation_id, payload, key)
+            if head != digest:
+                raise CorruptedData(
+                    session_id, version,
+                    "the event does not match its chain digest (changed, moved or written "
+                    "with another integrity_key)",
+                )
+            schema, data = decode(payload, session_id, version)
+            decoded.append((version, event_type, micros, actor, correlation_id, schema, data))
+            expected += 1
+        return decoded

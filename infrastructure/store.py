@@ -22,13 +22,13 @@ from sqlalchemy.pool import NullPool, StaticPool
 from sessionledger.domain.errors import StorageError
 
 from . import schema
+from .codec import EventRow, StoredEvent
 
 DEFAULT_URL = "sqlite:///sessionledger.db"
+#: pg_advisory_xact_lock key serialising schema creation (any constant; "sl" in ASCII)
+_SCHEMA_LOCK_KEY = 0x736C
 DURABILITY_PRAGMAS = {"full": "FULL", "normal": "NORMAL"}
 
-#: one stored event as written: (session_id, version, type, ts, actor, correlation_id, payload,
-#: digest)
-EventRow = tuple[str, int, str, int, str | None, str | None, bytes, bytes]
 
 
 class VersionConflict(Exception):
@@ -153,27 +153,28 @@ class EventStore:
                 self._connect()
 
     def _create_schema(self) -> None:
-        # Several processes may open a new database at once: a lost creation race is retried.
-        for attempt in range(3):
-            try:
-                schema.metadata.create_all(self.engine, checkfirst=True)
-                with self.engine.begin() as conn:
-                    row = conn.execute(
-                        sa.select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
-                    ).first()
-                    if row is None:
-                        conn.execute(schema.meta.insert().values(
-                            key="schema_version", value=str(schema.SCHEMA_VERSION)))
-                    elif int(row[0]) > schema.SCHEMA_VERSION:
-                        raise StorageError(
-                            f"database {safe_url(self.url)} has schema version {row[0]}, newer "
-                            f"than this release reads ({schema.SCHEMA_VERSION}): upgrade "
-                            "sessionledger"
-                        )
-                return
-            except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
-                if attempt == 2:
-                    raise
+        # Several processes may open a new database at once: the creation runs under the
+        # database's write lock (SQLite) or an advisory lock (PostgreSQL), so one creates and
+        # the others find the tables made.
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
+                             {"key": _SCHEMA_LOCK_KEY})
+            schema.metadata.create_all(conn, checkfirst=True)
+            row = conn.execute(
+                sa.select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
+            ).first()
+            if row is None:
+                conn.execute(schema.meta.insert().values(
+                    key="schema_version", value=str(schema.SCHEMA_VERSION)))
+            elif int(row[0]) > schema.SCHEMA_VERSION:
+                raise StorageError(
+                    f"database {safe_url(self.url)} has schema version {row[0]}, newer "
+                    f"than this release reads ({schema.SCHEMA_VERSION}): upgrade sessionledger"
+                )
+            conn.commit()
 
     @contextlib.contextmanager
     def _storage_errors(self, doing: str) -> Iterator[None]:
@@ -204,7 +205,8 @@ class EventStore:
         rows: Sequence[EventRow],
         idempotency: tuple[str, str, str, int] | None = None,
     ) -> None:
-        """Write `rows` (and an idempotency key) in one transaction.
+        """Write `rows` (and an idempotency key) in one transaction; `rows` may be empty (a
+        keyed command that changed nothing still records its key and result).
 
         Raises VersionConflict when another writer stored one of the versions first, and
         IdempotencyKeyUsed (with the first result) when the key (scope, key) was used before.
@@ -226,7 +228,7 @@ class EventStore:
                 try:
                     if len(rows) == 1:
                         db.execute(self._sql.insert_event, rows[0])
-                    else:
+                    elif rows:
                         db.cursor().executemany(self._sql.insert_event, rows)
                 except self._integrity_error:
                     db.execute("ROLLBACK")
@@ -265,19 +267,17 @@ class EventStore:
                 ) from None
             return rows
 
-    def load_rows(
-        self, session_id: str, after: int = 0, upto: int | None = None
-    ) -> list[tuple[int, str, int, bytes, bytes]]:
-        """(version, type, ts, payload, digest) of versions in (after, upto], in order."""
+    def stream(self, session_id: str, after: int = 0, upto: int | None = None) -> list[StoredEvent]:
+        """The stored events of versions in (after, upto] in version order: (version, type, ts,
+        actor, correlation_id, payload, digest)."""
         if upto is None:
-            return self._fetchall(self._sql.load, (session_id, after))
-        return self._fetchall(self._sql.load_upto, (session_id, after, upto))
+            return self._fetchall(self._sql.stream, (session_id, after))
+        return self._fetchall(self._sql.stream_upto, (session_id, after, upto))
 
-    def history_rows(
-        self, session_id: str
-    ) -> list[tuple[int, str, int, str | None, str | None, bytes]]:
-        """(version, type, ts, actor, correlation_id, payload) of every event, in order."""
-        return self._fetchall(self._sql.history, (session_id,))
+    def latest_version(self, session_id: str) -> int:
+        """The highest stored version of a session (0 when it has none)."""
+        rows = self._fetchall(self._sql.latest_version, (session_id,))
+        return int(rows[0][0] or 0) if rows else 0
 
     def idempotent_result(self, scope: str, key: str) -> tuple[str, int] | None:
         """(session_id, version) the first command with this key produced, if any."""
@@ -294,6 +294,7 @@ class _Statements:
 
     def __init__(self, dialect: str) -> None:
         cols = "session_id, version, type, ts, actor, correlation_id, payload, digest"
+        stream_cols = "version, type, ts, actor, correlation_id, payload, digest"
         statements = {
             "insert_event": f"INSERT INTO sl_events ({cols}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             "insert_idempotency": (
@@ -302,18 +303,15 @@ class _Statements:
             "select_idempotency": (
                 "SELECT session_id, version FROM sl_idempotency WHERE scope = ? AND key = ?"
             ),
-            "load": (
-                "SELECT version, type, ts, payload, digest FROM sl_events "
+            "stream": (
+                f"SELECT {stream_cols} FROM sl_events "
                 "WHERE session_id = ? AND version > ? ORDER BY version"
             ),
-            "load_upto": (
-                "SELECT version, type, ts, payload, digest FROM sl_events "
+            "stream_upto": (
+                f"SELECT {stream_cols} FROM sl_events "
                 "WHERE session_id = ? AND version > ? AND version <= ? ORDER BY version"
             ),
-            "history": (
-                "SELECT version, type, ts, actor, correlation_id, payload FROM sl_events "
-                "WHERE session_id = ? ORDER BY version"
-            ),
+            "latest_version": "SELECT MAX(version) FROM sl_events WHERE session_id = ?",
             "started": (
                 "SELECT session_id, ts, payload FROM sl_events "
                 "WHERE version = 1 ORDER BY position DESC"
@@ -325,7 +323,7 @@ class _Statements:
     insert_event: str
     insert_idempotency: str
     select_idempotency: str
-    load: str
-    load_upto: str
-    history: str
+    stream: str
+    stream_upto: str
+    latest_version: str
     started: str

@@ -1,23 +1,33 @@
-"""Replay: stored events folded into a Session through the aggregate's own apply functions."""
+"""Replay: checked, decoded events folded into a Session through the aggregate's apply functions.
+
+The events come from the codec already checked (versions in order, chain digests matching) and
+decoded; here they are brought to the current schema of their type and applied.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from sessionledger.domain.errors import CorruptedData
-from sessionledger.domain.events import EVENT_SCHEMAS, upcast
+from sessionledger.domain.events import (
+    EVENT_SCHEMAS,
+    DecodedEvent,
+    SessionEvent,
+    to_datetime,
+    upcast,
+)
 from sessionledger.domain.session import Session
 
-#: decodes a stored payload: (payload, session_id, version) -> (schema version, data)
-PayloadDecoder = Callable[[bytes, str, int], tuple[int, Any]]
 
-
-def event_data(
-    decode: PayloadDecoder, session_id: str, version: int, event_type: str, payload: bytes
+def current_data(
+    session_id: str, version: int, event_type: str, schema: int, data: Any
 ) -> dict[str, Any]:
-    """The data of one stored event in the current schema of its type (upcast if older)."""
-    schema, data = decode(payload, session_id, version)
+    """The data of one event in the current schema of its type (upcast when older).
+
+    An unknown type, a schema newer than this release or data that is not a map is damage (or a
+    newer writer) and raises CorruptedData naming session and version.
+    """
     current = EVENT_SCHEMAS.get(event_type)
     if current is None:
         raise CorruptedData(session_id, version, f"unknown event type {event_type!r}")
@@ -33,30 +43,24 @@ def event_data(
     return data
 
 
-def replay(
-    session: Session,
-    rows: Iterable[tuple[int, str, int, bytes, bytes]],
-    decode: PayloadDecoder,
-) -> bytes | None:
-    """Apply stored rows (version, type, ts, payload, digest) that follow `session.version`.
-
-    Returns the digest of the last row applied (None when there was none). A gap in versions, an
-    unknown type or a schema newer than this release is damage and raises CorruptedData.
-    """
+def replay(session: Session, events: Iterable[DecodedEvent]) -> None:
+    """Apply `events`, which follow `session.version` in order, to `session`."""
     apply = session.apply
     session_id = session.id
-    expected = session.version + 1
-    digest = None
-    for version, event_type, micros, payload, row_digest in rows:
-        if version != expected:
-            raise CorruptedData(session_id, expected, f"event version {expected} is missing")
-        data = event_data(decode, session_id, version, event_type, payload)
+    for version, event_type, micros, _actor, _correlation, schema, data in events:
+        data = current_data(session_id, version, event_type, schema, data)
         try:
             apply(event_type, data, version, micros)
         except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise CorruptedData(
                 session_id, version, f"{event_type} data has the wrong shape ({error!r})"
             ) from None
-        expected += 1
-        digest = row_digest
-    return digest
+
+
+def session_events(session_id: str, events: Iterable[DecodedEvent]) -> list[SessionEvent]:
+    """The events as history() returns them (data in the current schema)."""
+    return [
+        SessionEvent(session_id, version, event_type, to_datetime(micros), actor, correlation,
+                     current_data(session_id, version, event_type, schema, data))
+        for version, event_type, micros, actor, correlation, schema, data in events
+    ]
