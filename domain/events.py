@@ -79,7 +79,13 @@ def to_micros(moment: datetime) -> int:
 
 @dataclass(frozen=True, slots=True)
 class SessionEvent:
-    """One committed event of a session's stream, as history() returns it."""
+    """One committed event of a session's stream, as history() returns it and hooks and
+    subscribers receive it.
+
+    `position` is the event's place in the global commit order (what a durable subscriber
+    tracks, and what an at-least-once handler can deduplicate on); `session_name` is the name of
+    the session it belongs to. Either is None where the reader did not ask for it.
+    """
 
     session_id: str
     version: int
@@ -88,3 +94,5 @@ class SessionEvent:
     actor: str | None
     correlation_id: str | None
     data: dict[str, Any]
+    position: int | None = None
+    session_name: str | None = None
