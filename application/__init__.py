@@ -22,6 +22,8 @@ from sessionledger.domain.errors import (
     InvalidTransition,
     SessionLedgerError,
     SessionNotFound,
+    SnapshotCorrupted,
+    SnapshotVersionError,
     StorageError,
     UnsupportedValue,
 )
@@ -50,6 +52,8 @@ __all__ = [
     "SessionLedgerError",
     "SessionNotFound",
     "SessionStatus",
+    "SnapshotCorrupted",
+    "SnapshotVersionError",
     "StorageError",
     "UnsupportedValue",
     "__version__",

@@ -22,23 +22,33 @@ from sessionledger.domain.errors import (
     InvalidTransition,
     SessionNotFound,
 )
-from sessionledger.domain.events import EVENT_SCHEMAS, SessionEvent
+from sessionledger.domain.events import (
+    CHECKPOINT_TAKEN,
+    EVENT_SCHEMAS,
+    SESSION_SAVED,
+    SessionEvent,
+)
 from sessionledger.domain.session import PendingEvent, Session
 from sessionledger.domain.values import checked_optional_text
 from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec, EventRow
 from sessionledger.infrastructure.store import (
     EventStore,
     IdempotencyKeyUsed,
+    SnapshotRow,
     VersionConflict,
     safe_url,
 )
-from sessionledger.projections.replay import replay, session_events
+from sessionledger.projections.replay import session_events
 
 from .config import SessionConfig
+from .repository import SessionRepository
 
 Decision = Callable[[Session], list[PendingEvent]]
 
 _CREATE_SCOPE = "create"
+
+#: events after which a snapshot is always written (whatever snapshot_every says)
+_SNAPSHOT_ON = frozenset({SESSION_SAVED, CHECKPOINT_TAKEN})
 
 #: errors a decision taken on a working-set copy may owe to that copy being stale (another
 #: engine moved the session on): the command re-reads the store and decides again once
@@ -77,6 +87,9 @@ class SessionEngine:
         self._store = EventStore(url, self.config.durability)
         self._codec = EventCodec(self.config.compress_threshold, self.config.max_event_bytes,
                                  self.config.chain_key())
+        self._repository = SessionRepository(
+            self._store, self._codec, strict_snapshots=self.config.strict_snapshots
+        )
         self._lock = threading.RLock()
         # the working set: session id -> (session, digest of its last event), LRU order
         self._working_set: OrderedDict[str, tuple[Session, bytes]] = OrderedDict()
@@ -241,7 +254,7 @@ class SessionEngine:
 
         def decide(session: Session) -> list[PendingEvent]:
             target = session.restore_target(checkpoint, version)
-            restored = self._replayed(session.id, target).state
+            restored = self._repository.load(session.id, target)[0].state
             return session.decide_restore(target, restored, checkpoint)
 
         return self._command(
@@ -337,6 +350,33 @@ class SessionEngine:
         ids = [row[0] for row in self._store.started_sessions()[: max(0, limit)]]
         return [self.get(sid) for sid in ids]
 
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def rebuild_snapshots(self) -> int:
+        """Rewrite every session's snapshots in the current format, from its events alone.
+
+        Each session gets a current-format snapshot at its latest version and at every version
+        that had a snapshot (of any format, readable or not). One transaction per session.
+        Returns the number of snapshots written.
+        """
+        written = 0
+        for sid in self._store.session_ids():
+            with self._lock:
+                rows = self._repository.rebuild_snapshots(sid, _now_us())
+                self._store.put_snapshots(rows)
+            written += len(rows)
+        return written
+
+    # -- observability -----------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, Any]:
+        """The engine's counters as a plain dict.
+
+        snapshots_skipped: snapshots that could not be used and were read past, by reason
+        ("newer_format", "corrupted").
+        """
+        return {"snapshots_skipped": dict(self._repository.skipped)}
+
     # -- internals ---------------------------------------------------------------------------
 
     @staticmethod
@@ -391,13 +431,18 @@ class SessionEngine:
                 last_version = rows[-1][1] if rows else session.version
                 idem = None if key is None else (sid, key, sid, last_version)
                 try:
-                    self._store.append(rows, idem)
+                    # applied before the commit so a due snapshot holds the new state; on any
+                    # failure below the session leaves the working set, so a half-applied copy
+                    # is never served
+                    snapshots = self._apply_committing(session, pending, rows, now)
+                    self._store.append(rows, idem, snapshots)
                 except VersionConflict:
                     # another engine wrote this session meanwhile: re-read it and decide again
                     self._working_set.pop(sid, None)
                     if expected_version is not None or attempt >= self.config.retries:
                         raise ConcurrencyConflict(
-                            sid, session.version, "another writer committed that version first"
+                            sid, last_version - len(rows),
+                            "another writer committed that version first",
                         ) from None
                     attempt += 1
                     continue
@@ -409,10 +454,25 @@ class SessionEngine:
                     self._working_set.pop(sid, None)
                     raise
                 if rows:
-                    for (event_type, data), row in zip(pending, rows, strict=True):
-                        session.apply(event_type, data, row[1], now)
                     self._remember(session, rows[-1][7])
                 return last_version
+
+    def _apply_committing(
+        self, session: Session, pending: list[PendingEvent], rows: list[EventRow], now: int
+    ) -> list[SnapshotRow]:
+        """Apply `pending` (stored as `rows`) to `session`; the snapshot rows now due."""
+        if not rows:
+            return []
+        before = session.version
+        for (event_type, data), row in zip(pending, rows, strict=True):
+            session.apply(event_type, data, row[1], now)
+        every = self.config.snapshot_every
+        due = (every and before // every != session.version // every) or any(
+            event_type in _SNAPSHOT_ON for event_type, _ in pending
+        )
+        if not due:
+            return []
+        return [self._repository.snapshot_row(session, rows[-1][7], now)]
 
     def _encode(
         self,
@@ -437,22 +497,9 @@ class SessionEngine:
         if entry is not None:
             self._working_set.move_to_end(sid)
             return entry[0], entry[1], True
-        stored = self._store.stream(sid)
-        if not stored:
-            raise SessionNotFound(sid)
-        session = Session(sid)
-        replay(session, self._codec.decode(sid, stored))
-        head = stored[-1][6]
+        session, head = self._repository.load(sid)
         self._remember(session, head)
         return session, head, False
-
-    def _replayed(self, sid: str, version: int) -> Session:
-        """The session as it was at `version`, replayed from the store."""
-        session = Session(sid)
-        replay(session, self._codec.decode(sid, self._store.stream(sid, 0, version)))
-        if session.version != version:
-            raise SessionNotFound(sid)
-        return session
 
     def _remember(self, session: Session, head: bytes) -> None:
         capacity = self.config.max_active_sessions

@@ -92,3 +92,21 @@ class CorruptedData(SessionLedgerError):
         super().__init__(f"corrupted data in {where}: {detail}")
         self.session_id = session_id
         self.version = version
+
+
+class SnapshotCorrupted(CorruptedData):
+    """A stored snapshot that does not decompress, decode or match its digest."""
+
+
+class SnapshotVersionError(SessionLedgerError):
+    """A snapshot written in a format newer than this release reads."""
+
+    def __init__(self, session_id: str, version: int, format_version: int, readable: int) -> None:
+        super().__init__(
+            f"snapshot format {format_version} of session {session_id} (version {version}) is "
+            f"newer than this release reads (up to {readable}): upgrade sessionledger or "
+            "rebuild snapshots"
+        )
+        self.session_id = session_id
+        self.version = version
+        self.format_version = format_version

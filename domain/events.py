@@ -30,8 +30,8 @@ SESSION_ARCHIVED = "SessionArchived"
 
 #: stable type name -> current schema version of its data
 EVENT_SCHEMAS: dict[str, int] = {
-    SESSION_STARTED: 1,
-    STATE_CHANGED: 1,
+    SESSION_STARTED: 2,
+    STATE_CHANGED: 2,
     EVENT_RECORDED: 1,
     CHECKPOINT_TAKEN: 1,
     SESSION_SAVED: 1,
@@ -49,8 +49,23 @@ DecodedEvent = tuple[int, str, int, "str | None", "str | None", int, Any]
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
+
+
+def _started_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
+    # schema 1 (the first release) had no parent sessions
+    return {**data, "parent": None}
+
+
+def _state_changed_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
+    # schema 1 stored {"changes": {...}, "removed": [...]} ("removed" absent when empty)
+    return {"set": data["changes"], "delete": list(data.get("removed", ()))}
+
+
 #: (type, schema version) -> function that turns that shape into the next schema version
-UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+UPCASTERS: dict[tuple[str, int], Upcaster] = {
+    (SESSION_STARTED, 1): _started_1_to_2,
+    (STATE_CHANGED, 1): _state_changed_1_to_2,
+}
 
 
 def upcast(event_type: str, schema: int, data: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,12 @@ import lz4.block
 import msgpack
 from eventsourcing.persistence import Compressor, Transcoder
 
-from sessionledger.domain.errors import CorruptedData, EventTooLarge, UnsupportedValue
+from sessionledger.domain.errors import (
+    CorruptedData,
+    EventTooLarge,
+    SnapshotCorrupted,
+    UnsupportedValue,
+)
 from sessionledger.domain.events import DecodedEvent
 
 EXT_DATETIME = 1
@@ -209,3 +214,50 @@ class EventCodec:
             decoded.append((version, event_type, micros, actor, correlation_id, schema, data))
             expected += 1
         return decoded
+
+
+#: the snapshot format this release writes; it reads every format up to this one
+SNAPSHOT_FORMAT = 1
+
+
+class SnapshotCodec:
+    """Snapshot bodies: msgpack, lz4 when that makes them smaller, blake3 of the uncompressed
+    bytes. Returns and takes (flags, digest, stored bytes)."""
+
+    def __init__(self) -> None:
+        self.transcoder = MsgpackTranscoder()
+        self.compressor = Lz4Compressor()
+
+    def encode(self, fields: dict[str, Any]) -> tuple[int, bytes, bytes]:
+        """(flags, digest, stored bytes) of a snapshot body."""
+        body = self.transcoder.encode(fields)
+        digest: bytes = blake3.blake3(body).digest()
+        packed = self.compressor.compress(body)
+        if len(packed) < len(body):
+            return FLAG_LZ4, digest, packed
+        return 0, digest, body
+
+    def decode(
+        self, flags: int, digest: bytes, stored: bytes, session_id: str, version: int
+    ) -> dict[str, Any]:
+        """The snapshot's fields; SnapshotCorrupted when it does not decompress, does not match
+        its digest or is not a map."""
+        try:
+            if flags & ~KNOWN_FLAGS:
+                raise ValueError(f"unknown snapshot flags {flags:#x}")
+            body = self.compressor.decompress(stored) if flags & FLAG_LZ4 else bytes(stored)
+        except Exception as error:
+            raise SnapshotCorrupted(
+                session_id, version, f"snapshot does not decompress ({error})"
+            ) from None
+        if blake3.blake3(body).digest() != bytes(digest):
+            raise SnapshotCorrupted(session_id, version, "snapshot does not match its digest")
+        try:
+            fields = self.transcoder.decode(body)
+        except Exception as error:
+            raise SnapshotCorrupted(
+                session_id, version, f"snapshot does not decode ({error})"
+            ) from None
+        if type(fields) is not dict:
+            raise SnapshotCorrupted(session_id, version, "snapshot is not a map")
+        return fields

@@ -9,6 +9,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
+    SmallInteger,
     String,
     Table,
     UniqueConstraint,
@@ -49,6 +50,42 @@ idempotency = Table(
     Column("session_id", String(36), nullable=False),
     Column("version", Integer, nullable=False),
     PrimaryKeyConstraint("scope", "key", name="sl_idempotency_pk"),
+)
+
+# Snapshots: a session projected at one version, a cache that is always safe to drop and rebuild
+# from the events. `format_version` NULL is format 0 (written before the column had a value);
+# `digest` is blake3 of the uncompressed body; `flags` bit 0 means the body is lz4-compressed.
+snapshots = Table(
+    "sl_snapshots",
+    metadata,
+    Column("session_id", String(36), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("format_version", SmallInteger),
+    Column("flags", SmallInteger, nullable=False),
+    Column("digest", LargeBinary, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("ts", BigInteger, nullable=False),
+    PrimaryKeyConstraint("session_id", "version", name="sl_snapshots_pk"),
+)
+
+# Sessions purged for good by cleanup(): their events and snapshots are gone, this row says so.
+tombstones = Table(
+    "sl_tombstones",
+    metadata,
+    Column("session_id", String(36), primary_key=True),
+    Column("name", String(256), nullable=False),
+    Column("final_status", String(16), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("purged_ts", BigInteger, nullable=False),
+)
+
+# Durable subscribers: the global position up to which each has handled the events.
+tracking = Table(
+    "sl_tracking",
+    metadata,
+    Column("name", String(256), primary_key=True),
+    Column("position", BigInteger, nullable=False),
+    Column("updated_ts", BigInteger, nullable=False),
 )
 
 meta = Table(

@@ -24,9 +24,18 @@ from sessionledger.domain.errors import StorageError
 from . import schema
 from .codec import EventRow, StoredEvent
 
+#: one snapshot as stored: (session_id, version, format_version, flags, digest, data, ts)
+SnapshotRow = tuple[str, int, int | None, int, bytes, bytes, int]
+#: a snapshot as read back: (version, format_version, flags, digest, data)
+StoredSnapshot = tuple[int, int | None, int, bytes, bytes]
+
 DEFAULT_URL = "sqlite:///sessionledger.db"
 #: pg_advisory_xact_lock key serialising schema creation (any constant; "sl" in ASCII)
 _SCHEMA_LOCK_KEY = 0x736C
+#: pg_advisory_xact_lock key every appending transaction holds until it commits
+_APPEND_LOCK_KEY = 0x736C01
+#: PostgreSQL NOTIFY channel that announces new events to waiting subscribers
+EVENTS_CHANNEL = "sl_events"
 DURABILITY_PRAGMAS = {"full": "FULL", "normal": "NORMAL"}
 
 
@@ -92,7 +101,14 @@ class EventStore:
         self._lock = threading.RLock()
         self._closed = False
         self.engine = self._create_engine(durability)
-        self._begin = "BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN"
+        if self.dialect == "sqlite":
+            # take the write lock up front, never mid-way (no upgrade deadlocks)
+            self._begin = "BEGIN IMMEDIATE"
+            self._commit = "COMMIT"
+        else:
+            # one round trip each: the lock that orders positions, and the wake-up of listeners
+            self._begin = f"BEGIN; SELECT pg_advisory_xact_lock({_APPEND_LOCK_KEY})"
+            self._commit = f"NOTIFY {EVENTS_CHANNEL}; COMMIT"
         with self._storage_errors("open"):
             self._create_schema()
             self._connect()
@@ -204,13 +220,19 @@ class EventStore:
         self,
         rows: Sequence[EventRow],
         idempotency: tuple[str, str, str, int] | None = None,
-    ) -> None:
-        """Write `rows` (and an idempotency key) in one transaction; `rows` may be empty (a
-        keyed command that changed nothing still records its key and result).
+        snapshots: Sequence[SnapshotRow] = (),
+    ) -> int:
+        """Write `rows`, an idempotency key and snapshots in one transaction; return the global
+        position of the last row (0 when `rows` is empty: a keyed command that changed nothing
+        still records its key and result).
 
         Raises VersionConflict when another writer stored one of the versions first, and
         IdempotencyKeyUsed (with the first result) when the key (scope, key) was used before.
+        On PostgreSQL the transaction holds an advisory lock from its first statement to its
+        commit, so global positions are committed in order (a reader never sees position n+1
+        before n) and a NOTIFY wakes waiting subscribers.
         """
+        sql = self._sql
         with self._lock:
             db = self._db
             self._check_open()
@@ -218,22 +240,27 @@ class EventStore:
                 db.execute(self._begin)
                 if idempotency is not None:
                     try:
-                        db.execute(self._sql.insert_idempotency, idempotency)
+                        db.execute(sql.insert_idempotency, idempotency)
                     except self._integrity_error:
                         db.execute("ROLLBACK")
                         used = self.idempotent_result(idempotency[0], idempotency[1])
                         if used is None:  # pragma: no cover - the key row cannot vanish
                             raise
                         raise IdempotencyKeyUsed(*used) from None
+                position = 0
                 try:
                     if len(rows) == 1:
-                        db.execute(self._sql.insert_event, rows[0])
+                        position = self._insert_one(db, rows[0])
                     elif rows:
-                        db.cursor().executemany(self._sql.insert_event, rows)
+                        db.cursor().executemany(sql.insert_event, rows)
+                        position = int(db.execute(sql.last_position).fetchone()[0])
                 except self._integrity_error:
                     db.execute("ROLLBACK")
                     raise VersionConflict from None
-                db.execute("COMMIT")
+                if snapshots:
+                    db.cursor().executemany(sql.upsert_snapshot, snapshots)
+                db.execute(self._commit if rows else "COMMIT")
+                return position
             except (VersionConflict, IdempotencyKeyUsed):
                 raise
             except BaseException as error:
@@ -244,6 +271,15 @@ class EventStore:
                         f"write to {safe_url(self.url)} failed: {one_line(error)}"
                     ) from None
                 raise
+
+    def _insert_one(self, db: Any, row: EventRow) -> int:
+        if self.dialect == "sqlite":
+            return int(db.execute(self._sql.insert_event, row).lastrowid)
+        return int(db.execute(self._sql.insert_event_returning, row).fetchone()[0])
+
+    def put_snapshots(self, snapshots: Sequence[SnapshotRow]) -> None:
+        """Write (or replace) snapshots in their own transaction."""
+        self.append((), None, snapshots)
 
     def _rollback_quietly(self) -> None:
         with contextlib.suppress(Exception):
@@ -274,6 +310,25 @@ class EventStore:
             return self._fetchall(self._sql.stream, (session_id, after))
         return self._fetchall(self._sql.stream_upto, (session_id, after, upto))
 
+    def latest_snapshot(self, session_id: str, upto: int | None = None) -> StoredSnapshot | None:
+        """The snapshot of the highest version (at or below `upto`), if any."""
+        if upto is None:
+            rows = self._fetchall(self._sql.latest_snapshot, (session_id,))
+        else:
+            rows = self._fetchall(self._sql.latest_snapshot_upto, (session_id, upto))
+        if not rows:
+            return None
+        version, format_version, flags, digest, data = rows[0]
+        return version, format_version, flags, bytes(digest), bytes(data)
+
+    def snapshot_versions(self, session_id: str) -> list[int]:
+        """The versions at which the session has snapshots, ascending."""
+        return [row[0] for row in self._fetchall(self._sql.snapshot_versions, (session_id,))]
+
+    def session_ids(self) -> list[str]:
+        """Every session with events, oldest first."""
+        return [row[0] for row in self._fetchall(self._sql.session_ids, ())]
+
     def latest_version(self, session_id: str) -> int:
         """The highest stored version of a session (0 when it has none)."""
         rows = self._fetchall(self._sql.latest_version, (session_id,))
@@ -295,6 +350,8 @@ class _Statements:
     def __init__(self, dialect: str) -> None:
         cols = "session_id, version, type, ts, actor, correlation_id, payload, digest"
         stream_cols = "version, type, ts, actor, correlation_id, payload, digest"
+        snapshot_cols = "session_id, version, format_version, flags, digest, data, ts"
+        snapshot_read = "version, format_version, flags, digest, data"
         statements = {
             "insert_event": f"INSERT INTO sl_events ({cols}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             "insert_idempotency": (
@@ -312,6 +369,31 @@ class _Statements:
                 "WHERE session_id = ? AND version > ? AND version <= ? ORDER BY version"
             ),
             "latest_version": "SELECT MAX(version) FROM sl_events WHERE session_id = ?",
+            "snapshot_versions": (
+                "SELECT version FROM sl_snapshots WHERE session_id = ? ORDER BY version"
+            ),
+            "session_ids": "SELECT session_id FROM sl_events WHERE version = 1 ORDER BY position",
+            "last_position": (
+                "SELECT last_insert_rowid()" if dialect == "sqlite" else "SELECT lastval()"
+            ),
+            "insert_event_returning": (
+                f"INSERT INTO sl_events ({cols}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "RETURNING position"
+            ),
+            "upsert_snapshot": (
+                f"INSERT INTO sl_snapshots ({snapshot_cols}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (session_id, version) DO UPDATE SET "
+                "format_version = excluded.format_version, flags = excluded.flags, "
+                "digest = excluded.digest, data = excluded.data, ts = excluded.ts"
+            ),
+            "latest_snapshot": (
+                f"SELECT {snapshot_read} FROM sl_snapshots WHERE session_id = ? "
+                "ORDER BY version DESC LIMIT 1"
+            ),
+            "latest_snapshot_upto": (
+                f"SELECT {snapshot_read} FROM sl_snapshots WHERE session_id = ? AND version <= ? "
+                "ORDER BY version DESC LIMIT 1"
+            ),
             "started": (
                 "SELECT session_id, ts, payload FROM sl_events "
                 "WHERE version = 1 ORDER BY position DESC"
@@ -326,4 +408,11 @@ class _Statements:
     stream: str
     stream_upto: str
     latest_version: str
+    last_position: str
+    snapshot_versions: str
+    session_ids: str
+    insert_event_returning: str
+    upsert_snapshot: str
+    latest_snapshot: str
+    latest_snapshot_upto: str
     started: str

@@ -31,16 +31,23 @@ def current_data(
     current = EVENT_SCHEMAS.get(event_type)
     if current is None:
         raise CorruptedData(session_id, version, f"unknown event type {event_type!r}")
+    if type(data) is not dict:
+        raise CorruptedData(session_id, version, f"{event_type} data is not a map")
+    fields: dict[str, Any] = data
     if schema != current:
         if schema > current:
             raise CorruptedData(
                 session_id, version,
                 f"{event_type} schema {schema} is newer than this release reads ({current})",
             )
-        data = upcast(event_type, schema, data)
-    if type(data) is not dict:
-        raise CorruptedData(session_id, version, f"{event_type} data is not a map")
-    return data
+        try:
+            fields = upcast(event_type, schema, fields)
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise CorruptedData(
+                session_id, version,
+                f"{event_type} schema {schema} data cannot be upcast ({error!r})",
+            ) from None
+    return fields
 
 
 def replay(session: Session, events: Iterable[DecodedEvent]) -> None:

@@ -1,0 +1,430 @@
+"""In-process hooks: callables subscribed to the committed event stream of one engine.
+
+The engine calls :meth:`HookRegistry.dispatch` with the events of each transaction after it
+commits (never before, so a hook never sees an event that was rolled back), in version order per
+session. Before it builds any event object it reads :attr:`HookRegistry.active`, so an engine
+with no hooks pays nothing. Replays (state_at, rebuilds, snapshots) never reach a registry.
+
+A hook is any callable taking one :class:`~sessionledger.domain.events.SessionEvent`. A hook
+that raises never stops the other hooks or the other events of the batch: with
+``on_error="isolate"`` the failure is logged (hook name, session, version, type, traceback) and
+counted; with ``on_error="raise"`` every hook still gets every event and then :class:`HookFailed`
+carries all the failures to the caller. The data is committed either way.
+
+This module is pure: it depends on the domain package and the standard library only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from uuid import UUID
+
+from sessionledger.domain.errors import InvalidArgument, InvalidSessionId, SessionLedgerError
+from sessionledger.domain.events import EVENT_TYPES, SessionEvent
+
+__all__ = [
+    "ON_ERROR_MODES",
+    "HookFailed",
+    "HookRegistry",
+    "HookSubscription",
+    "LoggingHook",
+    "hook_name",
+]
+
+Handler = Callable[[SessionEvent], object]
+#: (hook name, nanoseconds spent in one handler call)
+LatencyObserver = Callable[[str, int], object]
+#: (hook name) of a handler call that raised
+ErrorObserver = Callable[[str], object]
+#: one failed handler call: (hook name, event, exception)
+Failure = tuple[str, SessionEvent, Exception]
+
+ON_ERROR_MODES = frozenset({"isolate", "raise"})
+
+
+class HookFailed(SessionLedgerError):
+    """One or more hooks raised while ``on_error="raise"``; raised after every hook ran.
+
+    The events were committed before any hook ran: this error never means data was lost.
+    ``failures`` lists every failed call as (hook name, event, exception) in delivery order;
+    the first exception is ``__cause__``.
+    """
+
+    def __init__(self, failures: Sequence[Failure]) -> None:
+        if not failures:
+            raise InvalidArgument("HookFailed needs at least one failure")
+        self.failures: list[Failure] = list(failures)
+        name, event, error = self.failures[0]
+        more = len(self.failures) - 1
+        super().__init__(
+            f"hook {name} failed on {_describe(event)}: {error!r}"
+            + (f" (and {more} more hook failure{'s' if more > 1 else ''})" if more else "")
+        )
+
+
+def _describe(event: SessionEvent) -> str:
+    return f"{event.type} session={event.session_id} version={event.version}"
+
+
+def hook_name(handler: object) -> str:
+    """A readable, stable name for `handler` in logs and metrics: module.qualname.
+
+    Functions and methods use their own qualified name; an instance of a callable class (such as
+    LoggingHook()) uses its class's.
+    """
+    qualname = getattr(handler, "__qualname__", None)
+    if not isinstance(qualname, str):
+        qualname = type(handler).__qualname__
+    module = getattr(handler, "__module__", None)
+    return f"{module}.{qualname}" if isinstance(module, str) and module else qualname
+
+
+def _parse_session_id(value: object) -> str:
+    # The same canonical form the engine uses (str(UUID)); projections may not import the
+    # application package, so the few lines are repeated here.
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            return str(UUID(value))
+        except ValueError:
+            pass
+    raise InvalidSessionId(value)
+
+
+def _event_filter(events: Iterable[str] | None) -> frozenset[str] | None:
+    if events is None:
+        return None
+    if isinstance(events, (str, bytes)):
+        raise InvalidArgument(
+            f"events must be an iterable of event type names, not a single {type(events).__name__}"
+            f" (write events=[{events!r}])"
+        )
+    try:
+        names = list(events)
+    except TypeError:
+        raise InvalidArgument(
+            f"events must be an iterable of event type names, got {type(events).__name__}"
+        ) from None
+    unknown = [name for name in names if not isinstance(name, str) or name not in EVENT_TYPES]
+    if unknown:
+        raise InvalidArgument(
+            f"unknown event type{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; known types: {', '.join(sorted(EVENT_TYPES))}"
+        )
+    if not names:
+        # A hook that can never fire is almost certainly a mistake (events=None means "all").
+        raise InvalidArgument("events is empty: the hook would never run (events=None means all)")
+    return frozenset(names)
+
+
+def _session_filter(sessions: Iterable[str | UUID] | None) -> frozenset[str] | None:
+    if sessions is None:
+        return None
+    if isinstance(sessions, (str, bytes, UUID)):
+        raise InvalidArgument(
+            "sessions must be an iterable of session ids, not a single id "
+            f"(write sessions=[{sessions!r}])"
+        )
+    try:
+        ids = list(sessions)
+    except TypeError:
+        raise InvalidArgument(
+            f"sessions must be an iterable of session ids, got {type(sessions).__name__}"
+        ) from None
+    if not ids:
+        raise InvalidArgument(
+            "sessions is empty: the hook would never run (sessions=None means all)"
+        )
+    return frozenset(_parse_session_id(value) for value in ids)
+
+
+class HookSubscription:
+    """The handle :meth:`HookRegistry.subscribe` returns.
+
+    ``unsubscribe()`` (idempotent) stops delivery at once, also in the middle of a dispatch; as
+    a context manager the subscription ends when the block exits.
+    """
+
+    __slots__ = ("_active", "_registry", "events", "handler", "name", "sessions")
+
+    def __init__(
+        self,
+        registry: HookRegistry,
+        handler: Handler,
+        name: str,
+        events: frozenset[str] | None,
+        sessions: frozenset[str] | None,
+    ) -> None:
+        self._registry = registry
+        self._active = True
+        #: the subscribed callable
+        self.handler = handler
+        #: the hook's name in logs, metrics and HookFailed
+        self.name = name
+        #: event types delivered, None for every type
+        self.events = events
+        #: session ids delivered, None for every session
+        self.sessions = sessions
+
+    @property
+    def active(self) -> bool:
+        """True until unsubscribe() is called."""
+        return self._active
+
+    def unsubscribe(self) -> None:
+        """Stop delivering events to this hook; calling it again does nothing."""
+        if self._active:
+            self._active = False  # read by dispatch: no further event reaches the handler
+            self._registry._remove(self)
+
+    def __enter__(self) -> HookSubscription:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.unsubscribe()
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "unsubscribed"
+        return f"<HookSubscription {self.name} {state}>"
+
+
+class HookRegistry:
+    """The in-process hooks of one engine, and the loop that delivers events to them.
+
+    Subscribing and unsubscribing are thread-safe and may happen inside a hook: dispatch works on
+    the list of subscriptions as it was when the dispatch began (copy-on-write, so taking that
+    snapshot costs nothing). A hook subscribed during a dispatch receives the next batch, not the
+    rest of the current one; a hook unsubscribed during a dispatch receives nothing further.
+
+    ``latency_observer(hook_name, nanoseconds)`` and ``error_observer(hook_name)``, when set,
+    are told about every handler call and every failed one (the MetricsHook has
+    ``observe_latency`` and ``observe_error`` for that).
+    """
+
+    def __init__(self, on_error: str = "isolate", logger_name: str = "sessionledger.hooks") -> None:
+        if on_error not in ON_ERROR_MODES:
+            raise InvalidArgument(
+                f"on_error must be 'isolate' or 'raise', got {on_error!r}"
+            )
+        if not isinstance(logger_name, str) or not logger_name:
+            raise InvalidArgument(f"logger_name must be a non-empty str, got {logger_name!r}")
+        self.on_error = on_error
+        self.logger = logging.getLogger(logger_name)
+        #: called with (hook name, ns) after every handler call; None measures nothing
+        self.latency_observer: LatencyObserver | None = None
+        #: called with (hook name) after every failed handler call
+        self.error_observer: ErrorObserver | None = None
+        self._subscriptions: tuple[HookSubscription, ...] = ()
+        self._lock = threading.Lock()  # serialises writers only; dispatch never takes it
+        self._errors = 0
+
+    @property
+    def active(self) -> bool:
+        """True when at least one hook is subscribed (the engine skips building events if not)."""
+        return bool(self._subscriptions)
+
+    @property
+    def subscriptions(self) -> tuple[HookSubscription, ...]:
+        """The current subscriptions, in delivery order."""
+        return self._subscriptions
+
+    @property
+    def errors(self) -> int:
+        """How many handler calls have raised since the registry was made."""
+        return self._errors
+
+    def subscribe(
+        self,
+        handler: Handler,
+        events: Iterable[str] | None = None,
+        sessions: Iterable[str | UUID] | None = None,
+        *,
+        name: str | None = None,
+    ) -> HookSubscription:
+        """Deliver each committed event to `handler`, optionally only some types or sessions.
+
+        `events`: event type names (see sessionledger.domain.events.EVENT_TYPES); `sessions`:
+        session ids (str or UUID). None means all. `name` overrides the hook's name in logs and
+        metrics (default: module.qualname of the handler). Hooks run in subscription order.
+        Raises InvalidArgument for a handler that is not callable (or is async), an unknown or
+        empty event filter, or a bare string where an iterable is expected; InvalidSessionId for
+        a session id that is not a UUID.
+        """
+        if not callable(handler):
+            raise InvalidArgument(f"handler must be callable, got {type(handler).__name__}")
+        if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            type(handler).__call__  # an instance with an async __call__
+        ):
+            # Calling it would only create a coroutine that nobody awaits.
+            raise InvalidArgument("handler must be a plain callable; async hooks are not supported")
+        if name is None:
+            name = hook_name(handler)
+        elif not isinstance(name, str) or not name:
+            raise InvalidArgument(f"name must be a non-empty str, got {name!r}")
+        subscription = HookSubscription(
+            self, handler, name, _event_filter(events), _session_filter(sessions)
+        )
+        with self._lock:
+            self._subscriptions = (*self._subscriptions, subscription)
+        return subscription
+
+    def _remove(self, subscription: HookSubscription) -> None:
+        with self._lock:
+            self._subscriptions = tuple(s for s in self._subscriptions if s is not subscription)
+
+    def dispatch(self, events: Sequence[SessionEvent]) -> None:
+        """Deliver `events` (committed, in order) to every matching hook, event by event.
+
+        Every event goes to every matching hook before the next event. A raising hook is
+        isolated (logged and counted) or, with on_error="raise", reported by HookFailed once
+        every hook has had every event.
+        """
+        subscriptions = self._subscriptions  # the snapshot: writers replace, never mutate
+        if not subscriptions or not events:
+            return
+        failures: list[Failure] | None = None
+        observer = self.latency_observer
+        if observer is None:
+            # The lean path: no clock reads, only the two filter tests and the call.
+            for event in events:
+                event_type = event.type
+                session_id = event.session_id
+                for sub in subscriptions:
+                    types = sub.events
+                    if types is not None and event_type not in types:
+                        continue
+                    ids = sub.sessions
+                    if ids is not None and session_id not in ids:
+                        continue
+                    if not sub._active:
+                        continue
+                    try:
+                        sub.handler(event)
+                    except Exception as error:
+                        failures = self._failed(sub.name, event, error, failures)
+        else:
+            clock = time.perf_counter_ns
+            for event in events:
+                event_type = event.type
+                session_id = event.session_id
+                for sub in subscriptions:
+                    types = sub.events
+                    if types is not None and event_type not in types:
+                        continue
+                    ids = sub.sessions
+                    if ids is not None and session_id not in ids:
+                        continue
+                    if not sub._active:
+                        continue
+                    started = clock()
+                    try:
+                        sub.handler(event)
+                    except Exception as error:
+                        failures = self._failed(sub.name, event, error, failures)
+                    elapsed = clock() - started
+                    try:
+                        observer(sub.name, elapsed)
+                    except Exception as error:
+                        # A broken observer must not cost the other hooks their events either.
+                        failures = self._failed(hook_name(observer), event, error, failures)
+        if failures:
+            raise HookFailed(failures) from failures[0][2]
+
+    def _failed(
+        self, name: str, event: SessionEvent, error: Exception, failures: list[Failure] | None
+    ) -> list[Failure] | None:
+        """Count one failed call; log it (isolate) or keep it for HookFailed (raise)."""
+        self._errors += 1
+        observe = self.error_observer
+        if observe is not None:
+            try:
+                observe(name)
+            except Exception:
+                self.logger.exception("hook error observer %s failed", hook_name(observe))
+        if self.on_error == "raise":
+            if failures is None:
+                failures = []
+            failures.append((name, event, error))
+            return failures
+        self.logger.error(
+            "hook %s failed on %s session=%s version=%d",
+            name, event.type, event.session_id, event.version,
+            exc_info=error,
+            extra={
+                "hook": name,
+                "session_id": event.session_id,
+                "event_type": event.type,
+                "version": event.version,
+                "position": event.position,
+            },
+        )
+        return failures
+
+    def __repr__(self) -> str:
+        return (f"<HookRegistry {len(self._subscriptions)} hook(s) on_error={self.on_error!r} "
+                f"errors={self._errors}>")
+
+
+class LoggingHook:
+    """One stdlib logging record per event, on logger ``sessionledger.events`` at INFO.
+
+    The message reads ``SessionStarted session=<id> version=1 actor=alice`` (formatted lazily,
+    only if a handler formats it) and the record carries the structured ``extra`` fields
+    session_id, session_name, event_type, version, actor, correlation_id and position, for JSON
+    or other structured handlers. Event data (state, payloads) is never logged: it may be large
+    or sensitive.
+
+    The record is built with Logger.makeRecord and passed to Logger.handle, skipping the caller
+    lookup that Logger.info does (a stack walk costing microseconds per event that would always
+    point at this method); filters, handlers and the record factory apply as usual.
+    """
+
+    __slots__ = ("_lineno", "level", "logger")
+
+    def __init__(self, logger: logging.Logger | str = "sessionledger.events",
+                 level: int = logging.INFO) -> None:
+        if isinstance(logger, str):
+            logger = logging.getLogger(logger)
+        elif not isinstance(logger, logging.Logger):
+            raise InvalidArgument(f"logger must be a Logger or a logger name, got {logger!r}")
+        if not isinstance(level, int) or isinstance(level, bool):
+            raise InvalidArgument(f"level must be a logging level int, got {level!r}")
+        self.logger = logger
+        self.level = level
+        self._lineno = type(self).__call__.__code__.co_firstlineno
+
+    def __call__(self, event: SessionEvent) -> None:
+        """Log `event` (nothing at all when the logger is not enabled for the level)."""
+        logger = self.logger
+        if not logger.isEnabledFor(self.level):  # cached by logging: the cheap exit
+            return
+        logger.handle(logger.makeRecord(
+            logger.name, self.level, __file__, self._lineno,
+            "%s session=%s version=%d actor=%s",
+            (event.type, event.session_id, event.version, event.actor),
+            None, "LoggingHook.__call__",
+            {
+                "session_id": event.session_id,
+                "session_name": event.session_name,
+                "event_type": event.type,
+                "version": event.version,
+                "actor": event.actor,
+                "correlation_id": event.correlation_id,
+                "position": event.position,
+            },
+        ))
+
+    def __repr__(self) -> str:
+        return f"<LoggingHook logger={self.logger.name!r} level={logging.getLevelName(self.level)}>"
+
