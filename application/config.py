@@ -26,8 +26,17 @@ class SessionConfig:
     max_event_bytes: the largest encoded event accepted (EventTooLarge above it).
     compress_threshold: event payloads larger than this many bytes are lz4-compressed.
     integrity_key: a secret (str or bytes) that keys the blake3 hash chain of each session.
-    snapshot_every, strict_snapshots, hook_errors, lifecycle_hooks: reserved for snapshots and
-        hooks; validated now so a config written today keeps its meaning.
+    snapshot_every: a snapshot every this many events (0: only on save() and checkpoint(),
+        which always write one).
+    strict_snapshots: raise SnapshotVersionError / SnapshotCorrupted for a snapshot this
+        release cannot use, instead of skipping it (with a warning) and loading from events.
+    hook_errors: "isolate" (default: a failing in-process hook is logged and counted, the
+        others still run) or "raise" (HookFailed reaches the caller after every hook ran; the
+        command's data is committed either way).
+    lifecycle_hooks: register the built-in LoggingHook and MetricsHook at construction.
+    auto_rebuild: rebuild a read model (the catalog) at start-up when its stored version is
+        not the code's; when False, queries of it raise ProjectionOutdated until
+        `engine.rebuild("catalog")` ran.
     """
 
     durability: str = "full"
@@ -40,6 +49,7 @@ class SessionConfig:
     strict_snapshots: bool = False
     hook_errors: str = "isolate"
     lifecycle_hooks: bool = True
+    auto_rebuild: bool = True
 
     def __post_init__(self) -> None:
         if self.durability not in _DURABILITY:
@@ -57,6 +67,9 @@ class SessionConfig:
         if type(self.max_event_bytes) is not int or self.max_event_bytes < 64:
             raise InvalidArgument(f"max_event_bytes must be an int >= 64, got "
                                   f"{self.max_event_bytes!r}")
+        for name in ("strict_snapshots", "lifecycle_hooks", "auto_rebuild"):
+            if type(getattr(self, name)) is not bool:
+                raise InvalidArgument(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.integrity_key is not None and (
             not isinstance(self.integrity_key, str | bytes) or not self.integrity_key
         ):

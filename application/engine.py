@@ -11,13 +11,19 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any, Literal, overload
 from uuid import UUID, uuid4
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from sessionledger.domain.errors import (
     CheckpointNotFound,
     ConcurrencyConflict,
+    InvalidArgument,
     InvalidSessionId,
     InvalidTransition,
     SessionNotFound,
@@ -27,9 +33,12 @@ from sessionledger.domain.events import (
     EVENT_SCHEMAS,
     SESSION_SAVED,
     SessionEvent,
+    to_datetime,
 )
 from sessionledger.domain.session import PendingEvent, Session
+from sessionledger.domain.status import ENDED, SessionStatus
 from sessionledger.domain.values import checked_optional_text
+from sessionledger.infrastructure.catalog_store import CatalogStore
 from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec, EventRow
 from sessionledger.infrastructure.store import (
     EventStore,
@@ -38,10 +47,27 @@ from sessionledger.infrastructure.store import (
     VersionConflict,
     safe_url,
 )
+from sessionledger.infrastructure.subscriptions import SubscriptionStore, Waker
+from sessionledger.projections.hooks import HookRegistry, LoggingHook
+from sessionledger.projections.metrics import MetricsHook
 from sessionledger.projections.replay import session_events
 
+from .catalog import CATALOG as CATALOG_NAME
+from .catalog import REBUILD_TRACKING as REBUILD_NAME
+from .catalog import Catalog, Page, ProjectionOutdated
+from .catalog import Progress as RebuildProgress
 from .config import SessionConfig
 from .repository import SessionRepository
+from .retention import CleanupReport, RetentionPolicy
+from .subscribers import (
+    DEFAULT_BATCH,
+    Consumer,
+    HandlerSubscriber,
+    SubscriberRunner,
+    SubscriberStatus,
+    SubscriberThread,
+    checked_subscription,
+)
 
 Decision = Callable[[Session], list[PendingEvent]]
 
@@ -71,6 +97,22 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+class _EngineCollector(Collector):
+    """The engine's own counters for Prometheus (next to the MetricsHook's)."""
+
+    def __init__(self, engine: SessionEngine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        skipped = CounterMetricFamily(
+            "sessionledger_snapshots_skipped",
+            "Snapshots this engine could not use and loaded past, by reason.",
+            labels=["reason"])
+        for reason, n in sorted(self._engine._repository.skipped.items()):
+            skipped.add_metric([reason], n)
+        yield skipped
+
+
 class SessionEngine:
     """Keeps sessions as event-sourced aggregates in SQLite (default) or PostgreSQL.
 
@@ -93,6 +135,35 @@ class SessionEngine:
         self._lock = threading.RLock()
         # the working set: session id -> (session, digest of its last event), LRU order
         self._working_set: OrderedDict[str, tuple[Session, bytes]] = OrderedDict()
+        #: in-process hooks: subscribe(handler, events=None, sessions=None)
+        self.hooks = HookRegistry(on_error=self.config.hook_errors)
+        self._metrics_hook: MetricsHook | None = None
+        if self.config.lifecycle_hooks:
+            self._install_lifecycle_hooks()
+        self._subscriptions = SubscriptionStore(self._store)
+        self._runner = SubscriberRunner(self._subscriptions)
+        self._catalog = Catalog(self._subscriptions, CatalogStore(self._store),
+                                self._codec.payloads, self._runner)
+        self._durable: dict[str, HandlerSubscriber] = {}
+        self._catalog_outdated = False
+        try:
+            if self._catalog.outdated():
+                if self.config.auto_rebuild:
+                    self._catalog.rebuild()
+                else:
+                    self._catalog_outdated = True
+        except BaseException:
+            self._store.close()
+            raise
+
+    def _install_lifecycle_hooks(self) -> None:
+        metrics = MetricsHook()
+        self.hooks.latency_observer = metrics.observe_latency
+        self.hooks.error_observer = metrics.observe_error
+        self.hooks.subscribe(LoggingHook(), name="LoggingHook")
+        self.hooks.subscribe(metrics, name="MetricsHook")
+        metrics.registry.register(_EngineCollector(self))
+        self._metrics_hook = metrics
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -156,11 +227,13 @@ class SessionEngine:
             rows = self._encode(session, GENESIS_DIGEST, [pending], actor, correlation_id, now)
             idem = None if key is None else (_CREATE_SCOPE, key, session.id, 1)
             try:
-                self._store.append(rows, idem)
+                position = self._store.append(rows, idem)
             except IdempotencyKeyUsed as used_key:
                 return used_key.session_id
             session.apply(pending[0], pending[1], 1, now)
             self._remember(session, rows[-1][7])
+            if self.hooks.active:
+                self._deliver({session.id: session.name}, rows, position)
             return session.id
 
     def update(
@@ -367,15 +440,281 @@ class SessionEngine:
             written += len(rows)
         return written
 
-    # -- observability -----------------------------------------------------------------------
+    # -- durable subscribers -----------------------------------------------------------------
 
-    def metrics(self) -> dict[str, Any]:
-        """The engine's counters as a plain dict.
+    def subscribe(
+        self,
+        name: str,
+        handler: Callable[..., Any],
+        events: list[str] | None = None,
+        *,
+        transactional: bool = False,
+    ) -> None:
+        """Register a durable subscriber: `handler` receives every committed event after the
+        position tracked under `name`, in global commit order, when run_subscribers() runs.
 
-        snapshots_skipped: snapshots that could not be used and were read past, by reason
-        ("newer_format", "corrupted").
+        transactional=False: ``handler(event)``, at least once (deduplicate on
+        ``event.position``). transactional=True: ``handler(event, connection)`` inside the
+        transaction that moves the position; what it writes through that SQLAlchemy connection
+        commits with it: exactly once. `events` filters by type.
         """
-        return {"snapshots_skipped": dict(self._repository.skipped)}
+        text, types = checked_subscription(name, handler, events)
+        if text in (CATALOG_NAME, REBUILD_NAME):
+            raise InvalidArgument(f"subscriber name {text!r} is reserved")
+        with self._lock:
+            self._durable[text] = HandlerSubscriber(
+                text, handler, types, bool(transactional), self._codec.payloads
+            )
+
+    def unsubscribe(self, name: str) -> None:
+        """Stop running the durable subscriber `name` here (its position stays tracked)."""
+        with self._lock:
+            self._durable.pop(name, None)
+
+    @overload
+    def run_subscribers(self, until_idle: Literal[True], *,
+                        batch_size: int = ...) -> dict[str, int]: ...
+    @overload
+    def run_subscribers(self, until_idle: Literal[False] = ..., *,
+                        batch_size: int = ...) -> SubscriberThread: ...
+
+    def run_subscribers(
+        self, until_idle: bool = False, *, batch_size: int = DEFAULT_BATCH
+    ) -> dict[str, int] | SubscriberThread:
+        """Deliver pending events to the durable subscribers (and the catalog).
+
+        until_idle=True: deliver everything pending and return {name: events delivered}; a
+        failing handler raises SubscriberFailed. Otherwise start a background thread that keeps
+        delivering (woken by LISTEN/NOTIFY on PostgreSQL, a 50 ms poll on SQLite) and return
+        its handle: ``handle.stop()``.
+        """
+        if type(batch_size) is not int or batch_size < 1:
+            raise InvalidArgument(f"batch_size must be an int >= 1, got {batch_size!r}")
+        runner = SubscriberRunner(self._subscriptions, batch_size)
+        if until_idle:
+            delivered = {}
+            for consumer in self._consumers():
+                delivered[consumer.name] = runner.catch_up(consumer)
+            return delivered
+        return SubscriberThread(runner, self._consumers, Waker(self._store))
+
+    def _consumers(self) -> list[Consumer]:
+        with self._lock:
+            users: list[Consumer] = list(self._durable.values())
+        return [self._catalog.consumer, *users]
+
+    def subscribers(self) -> list[SubscriberStatus]:
+        """Every tracked or registered durable subscriber with its position and lag."""
+        head = self._subscriptions.head()
+        positions = self._subscriptions.positions()
+        with self._lock:
+            registered = set(self._durable) | {CATALOG_NAME}
+        return [
+            SubscriberStatus(name, positions.get(name, 0), head - positions.get(name, 0),
+                             name in registered)
+            for name in sorted(set(positions) | registered)
+        ]
+
+    # -- the catalog ---------------------------------------------------------------------------
+
+    def find(
+        self,
+        status: SessionStatus | str | list[SessionStatus | str] | None = None,
+        tags: list[str] | None = None,
+        name: str | None = None,
+        parent: str | UUID | None = None,
+        updated_after: datetime | str | None = None,
+        updated_before: datetime | str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        """Sessions from the catalog matching every filter, most recently updated first.
+
+        `status` one or several statuses; `tags` sessions carrying all of them; `name` exact;
+        `parent` the children of a session; `updated_after` / `updated_before` datetimes or
+        ISO 8601 strings. Keyset pagination: pass the page's `next_cursor` to get the next.
+        The catalog is brought up to date first (read your own writes).
+        """
+        if self._catalog_outdated:
+            raise ProjectionOutdated(
+                "the catalog was built by another version of its projection and "
+                "auto_rebuild is off: run engine.rebuild('catalog') "
+                "(or `sessionledger rebuild catalog`)"
+            )
+        parent_id = None if parent is None else parse_session_id(parent)
+        self._catalog.catch_up()
+        return self._catalog.find(status, tags, name, parent_id, updated_after,
+                                  updated_before, limit, cursor)
+
+    def rebuild(self, projection: str, progress: RebuildProgress | None = None) -> int:
+        """Rebuild a read model from the whole log and swap it in; return the events folded.
+
+        Only "catalog" exists. Queries answer from the old tables until the swap; an
+        interrupted rebuild resumes from its tracked position. `progress(done_position,
+        head_position, events_per_second)` is called after each batch.
+        """
+        if projection != CATALOG_NAME:
+            raise InvalidArgument(f"unknown projection {projection!r}: expected 'catalog'")
+        folded = self._catalog.rebuild(progress)
+        self._catalog_outdated = False
+        return folded
+
+    # -- batch operations ----------------------------------------------------------------------
+
+    def save_all_active(self, *, actor: str | None = None,
+                        correlation_id: str | None = None) -> dict[str, int]:
+        """Save every ACTIVE session in one transaction: a SessionSaved event and a snapshot
+        each, all written or none. Returns {session id: its new version}."""
+        actor, correlation_id, _ = self._checked_meta(actor, correlation_id, None)
+        with self._lock:
+            self._catalog.catch_up()
+            ids = self._catalog_ids([SessionStatus.ACTIVE.value])
+            return self._batch(ids, Session.decide_save, actor, correlation_id)
+
+    def restore_recent(self, count: int, *, actor: str | None = None,
+                       correlation_id: str | None = None) -> list[Session]:
+        """Bring the `count` most recently updated ACTIVE or SUSPENDED sessions back into the
+        working set (after a restart), append a SessionRestored marking the recovery to each
+        (one transaction) and return them (copies), most recent first."""
+        if type(count) is not int or count < 0:
+            raise InvalidArgument(f"count must be an int >= 0, got {count!r}")
+        actor, correlation_id, _ = self._checked_meta(actor, correlation_id, None)
+        with self._lock:
+            if count == 0:
+                return []
+            self._catalog.catch_up()
+            page = self._catalog.find([SessionStatus.ACTIVE, SessionStatus.SUSPENDED], None,
+                                      None, None, None, None, min(count, 10_000), None)
+            ids = [item.id for item in page]
+            for sid in ids:  # a recovery reads the store, not what this engine held
+                self._working_set.pop(sid, None)
+            self._batch(ids, Session.decide_recover, actor, correlation_id)
+            return [self._loaded(sid)[0].copy() for sid in ids]
+
+    def cleanup(self, policy: RetentionPolicy) -> CleanupReport:
+        """Apply a retention policy to ended sessions: archive them (SessionArchived) or purge
+        them (events and snapshots deleted for good, a tombstone left). See RetentionPolicy."""
+        if not isinstance(policy, RetentionPolicy):
+            raise InvalidArgument("cleanup() takes a RetentionPolicy")
+        with self._lock:
+            self._catalog.catch_up()
+            statuses = [s.value for s in ENDED]
+            if policy.action == "purge":
+                statuses.append(SessionStatus.ARCHIVED.value)
+            cutoff = None
+            if policy.max_age_seconds is not None:
+                cutoff = _now_us() - int(policy.max_age_seconds * 1_000_000)
+            candidates = self._catalog.tables.find(statuses, None, None, None, None, cutoff,
+                                                   1_000_000_000, None)
+            # keep_last counts every ended session, old or not: the newest N stay
+            keep = set()
+            if policy.keep_last is not None:
+                newest = self._catalog.tables.find(statuses, None, None, None, None, None,
+                                                   max(policy.keep_last, 1), None)
+                keep = {row[0] for row in newest[: policy.keep_last]}
+            chosen = [row for row in candidates if row[0] not in keep]
+            ids = [row[0] for row in chosen]
+            if policy.dry_run:
+                return CleanupReport(policy.action, ids, dry_run=True)
+            if policy.action == "archive":
+                self._batch(ids, Session.decide_archive, None, None)
+            else:
+                for row in chosen:
+                    self._purge(row[0], row[1], row[2])
+            return CleanupReport(policy.action, ids, dry_run=False)
+
+    def _catalog_ids(self, statuses: list[str]) -> list[str]:
+        rows = self._catalog.tables.find(statuses, None, None, None, None, None,
+                                         1_000_000_000, None)
+        return [row[0] for row in rows]
+
+    def _purge(self, sid: str, name: str, status: str) -> None:
+        self._working_set.pop(sid, None)
+        self._store.purge(sid, name, status, _now_us(),
+                          lambda conn: self._catalog.tables.delete(conn, sid))
+
+    def _batch(
+        self, ids: list[str], decide: Callable[[Session], list[PendingEvent]],
+        actor: str | None, correlation_id: str | None,
+    ) -> dict[str, int]:
+        """Apply one decision to many sessions in one transaction (with a snapshot each).
+
+        A session whose status refuses the decision is left out; a lost race retries the whole
+        batch from the store, up to `retries` times. Returns {session id: new version}.
+        """
+        attempt = 0
+        while True:
+            now = _now_us()
+            decided: list[tuple[Session, list[PendingEvent], list[EventRow]]] = []
+            for sid in ids:
+                try:
+                    session, head, cached = self._loaded(sid)
+                    try:
+                        pending = decide(session)
+                    except InvalidTransition:
+                        if not cached:
+                            raise
+                        self._working_set.pop(sid, None)
+                        session, head, _ = self._loaded(sid)
+                        pending = decide(session)
+                except (InvalidTransition, SessionNotFound):
+                    continue  # changed (or purged) since the catalog said so: not for this batch
+                rows = self._encode(session, head, pending, actor, correlation_id,
+                                    max(now, session.updated_us))
+                decided.append((session, pending, rows))
+            all_rows = [row for _, _, rows in decided for row in rows]
+            try:
+                snapshots = []
+                for session, pending, rows in decided:
+                    self._apply_committing(session, pending, rows, rows[-1][3])
+                    snapshots.append(self._repository.snapshot_row(session, rows[-1][7], now))
+                position = self._store.append(all_rows, None, snapshots)
+            except VersionConflict:
+                for session, _, _ in decided:
+                    self._working_set.pop(session.id, None)
+                if attempt >= self.config.retries:
+                    raise ConcurrencyConflict(
+                        decided[0][0].id if decided else "-", 0,
+                        "another writer changed sessions of the batch first",
+                    ) from None
+                attempt += 1
+                continue
+            except BaseException:
+                for session, _, _ in decided:
+                    self._working_set.pop(session.id, None)
+                raise
+            for session, _, rows in decided:
+                self._remember(session, rows[-1][7])
+            if self.hooks.active and all_rows:
+                self._deliver({s.id: s.name for s, _, _ in decided}, all_rows, position)
+            return {session.id: rows[-1][1] for session, _, rows in decided}
+
+    # -- observability -------------------------------------------------------------------------
+
+    @overload
+    def metrics(self, format: Literal["dict"] = ...) -> dict[str, Any]: ...
+    @overload
+    def metrics(self, format: Literal["prometheus"]) -> str: ...
+
+    def metrics(self, format: str = "dict") -> dict[str, Any] | str:
+        """The engine's figures: a plain dict, or Prometheus text exposition
+        (``format="prometheus"``).
+
+        With the built-in MetricsHook (``lifecycle_hooks=True``): events_total by type,
+        sessions by status, session_duration_seconds, hook_latency_seconds, hook_errors_total,
+        as seen by this engine since it started; always: snapshots_skipped by reason.
+        """
+        if format not in ("dict", "prometheus"):
+            raise InvalidArgument(f"format must be 'dict' or 'prometheus', got {format!r}")
+        if format == "prometheus":
+            if self._metrics_hook is None:
+                registry = CollectorRegistry(auto_describe=False)
+                registry.register(_EngineCollector(self))
+                return generate_latest(registry).decode()
+            return self._metrics_hook.prometheus()
+        figures = self._metrics_hook.snapshot() if self._metrics_hook is not None else {}
+        figures["snapshots_skipped"] = dict(self._repository.skipped)
+        return figures
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -435,7 +774,7 @@ class SessionEngine:
                     # failure below the session leaves the working set, so a half-applied copy
                     # is never served
                     snapshots = self._apply_committing(session, pending, rows, now)
-                    self._store.append(rows, idem, snapshots)
+                    position = self._store.append(rows, idem, snapshots)
                 except VersionConflict:
                     # another engine wrote this session meanwhile: re-read it and decide again
                     self._working_set.pop(sid, None)
@@ -455,7 +794,26 @@ class SessionEngine:
                     raise
                 if rows:
                     self._remember(session, rows[-1][7])
+                    if self.hooks.active:
+                        self._deliver({sid: session.name}, rows, position)
                 return last_version
+
+    def _deliver(self, names: dict[str, str], rows: list[EventRow], last_position: int) -> None:
+        """Hand committed rows to the in-process hooks (after the commit, never before).
+
+        The data is decoded from the stored bytes: hooks see exactly what history() will show,
+        and objects of their own, so a hook that mutates an event cannot touch a session.
+        """
+        decode = self._codec.payloads.decode
+        first = last_position - len(rows) + 1
+        events = []
+        for offset, (sid, version, event_type, micros, actor, correlation, payload, _) in (
+            enumerate(rows)
+        ):
+            data = decode(payload, sid, version)[1]
+            events.append(SessionEvent(sid, version, event_type, to_datetime(micros), actor,
+                                       correlation, data, first + offset, names[sid]))
+        self.hooks.dispatch(events)
 
     def _apply_committing(
         self, session: Session, pending: list[PendingEvent], rows: list[EventRow], now: int

@@ -27,6 +27,19 @@ class SessionNotFound(SessionLedgerError, LookupError):
         self.session_id = session_id
 
 
+class SessionPurged(SessionNotFound):
+    """The session was purged by a retention cleanup: only its tombstone is left."""
+
+    def __init__(self, session_id: str, name: str, final_status: str, purged_at: str) -> None:
+        LookupError.__init__(
+            self, f"session {session_id} ({name!r}, {final_status}) was purged at {purged_at}"
+        )
+        self.session_id = session_id
+        self.name = name
+        self.final_status = final_status
+        self.purged_at = purged_at
+
+
 class InvalidTransition(SessionLedgerError):
     """The operation is not allowed in the session's current status."""
 

@@ -191,6 +191,14 @@ class Session:
             "to_version": target_version, "checkpoint": checkpoint, "state": state,
         })]
 
+    def decide_recover(self) -> list[PendingEvent]:
+        """SessionRestored marking a recovery after a restart (restore_recent()): the state is
+        unchanged, so the event carries no state, only where the session was."""
+        self._require("recover", SessionStatus.ACTIVE, SessionStatus.SUSPENDED)
+        return [(ev.SESSION_RESTORED, {
+            "to_version": self.version, "checkpoint": None, "reason": "recovery",
+        })]
+
     def decide_suspend(self, reason: Any = None) -> list[PendingEvent]:
         """SessionSuspended: ACTIVE -> SUSPENDED."""
         self._require("suspend", SessionStatus.ACTIVE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Column,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -16,7 +17,7 @@ from sqlalchemy import (
 )
 
 #: bumped when a stored shape changes incompatibly; a database newer than this is refused
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: snapshots, tombstones, tracking and catalog tables
 
 metadata = MetaData()
 
@@ -87,6 +88,53 @@ tracking = Table(
     Column("position", BigInteger, nullable=False),
     Column("updated_ts", BigInteger, nullable=False),
 )
+
+
+
+def catalog_tables(target: MetaData, suffix: str = "") -> tuple[Table, Table]:
+    """The catalog read model: one row per session, and its tags.
+
+    The live tables have no suffix; a rebuild fills "_next" twins (without secondary indexes,
+    which are made at the swap) and renames them into place.
+    """
+    catalog = Table(
+        f"sl_catalog{suffix}",
+        target,
+        Column("session_id", String(36), primary_key=True),
+        Column("name", String(256), nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("parent", String(36)),
+        Column("created_by", String(256)),
+        Column("created_ts", BigInteger, nullable=False),
+        Column("updated_ts", BigInteger, nullable=False),
+        Column("version", Integer, nullable=False),
+        Column("event_count", Integer, nullable=False),
+        Column("last_checkpoint", String(256)),
+        Column("tags", String(8192), nullable=False),  # the tags as a JSON list, for display
+    )
+    tags = Table(
+        f"sl_catalog_tags{suffix}",
+        target,
+        Column("tag", String(256), nullable=False),
+        Column("session_id", String(36), nullable=False),
+        PrimaryKeyConstraint("tag", "session_id", name=f"sl_catalog_tags{suffix}_pk"),
+    )
+    return catalog, tags
+
+
+#: index name -> (table, columns) of the live catalog (made with it, and again at a swap)
+CATALOG_INDEXES = {
+    "ix_sl_catalog_updated": ("sl_catalog", ("updated_ts", "session_id")),
+    "ix_sl_catalog_status_updated": ("sl_catalog", ("status", "updated_ts", "session_id")),
+    "ix_sl_catalog_parent": ("sl_catalog", ("parent",)),
+    "ix_sl_catalog_name": ("sl_catalog", ("name",)),
+    "ix_sl_catalog_tags_session": ("sl_catalog_tags", ("session_id",)),
+}
+
+catalog, catalog_tags = catalog_tables(metadata)
+for _index_name, (_table, _columns) in CATALOG_INDEXES.items():
+    _owner = catalog if _table == "sl_catalog" else catalog_tags
+    Index(_index_name, *(_owner.c[c] for c in _columns))
 
 meta = Table(
     "sl_meta",

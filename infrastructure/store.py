@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import NullPool, StaticPool
 
 from sessionledger.domain.errors import StorageError
@@ -169,9 +169,12 @@ class EventStore:
                 self._connect()
 
     def _create_schema(self) -> None:
+        # Fast path: a database at this schema version has every table already.
+        if self._stored_schema_version() == schema.SCHEMA_VERSION:
+            return
         # Several processes may open a new database at once: the creation runs under the
         # database's write lock (SQLite) or an advisory lock (PostgreSQL), so one creates and
-        # the others find the tables made.
+        # the others find the tables made. An older schema gets the tables it lacks.
         with self.engine.connect() as conn:
             if self.dialect == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -182,15 +185,29 @@ class EventStore:
             row = conn.execute(
                 sa.select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
             ).first()
-            if row is None:
-                conn.execute(schema.meta.insert().values(
-                    key="schema_version", value=str(schema.SCHEMA_VERSION)))
-            elif int(row[0]) > schema.SCHEMA_VERSION:
+            if row is not None and int(row[0]) > schema.SCHEMA_VERSION:
                 raise StorageError(
                     f"database {safe_url(self.url)} has schema version {row[0]}, newer "
                     f"than this release reads ({schema.SCHEMA_VERSION}): upgrade sessionledger"
                 )
+            conn.execute(schema.meta.delete().where(schema.meta.c.key == "schema_version"))
+            conn.execute(schema.meta.insert().values(
+                key="schema_version", value=str(schema.SCHEMA_VERSION)))
             conn.commit()
+
+    def _stored_schema_version(self) -> int | None:
+        """The schema version the database records (None: no sl_meta table or no row)."""
+        try:
+            with self.engine.connect() as conn:
+                value = conn.execute(sa.text(
+                    "SELECT value FROM sl_meta WHERE key = 'schema_version'")).scalar()
+        except sa.exc.DBAPIError as error:
+            if isinstance(error, sa.exc.ProgrammingError | sa.exc.OperationalError) and (
+                "sl_meta" in str(error)
+            ):
+                return None  # a new database
+            raise
+        return None if value is None else int(value)
 
     @contextlib.contextmanager
     def _storage_errors(self, doing: str) -> Iterator[None]:
@@ -277,6 +294,35 @@ class EventStore:
             return int(db.execute(self._sql.insert_event, row).lastrowid)
         return int(db.execute(self._sql.insert_event_returning, row).fetchone()[0])
 
+    def purge(
+        self, session_id: str, name: str, final_status: str, micros: int,
+        also: Callable[[Connection], None] | None = None,
+    ) -> None:
+        """Delete a session's events, snapshots and idempotency keys for good and leave a
+        tombstone, in one transaction (`also` runs in it: read models drop their rows)."""
+        with self._storage_errors("purge a session in"), self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            for table in ("sl_events", "sl_snapshots"):
+                conn.execute(sa.text(f"DELETE FROM {table} WHERE session_id = :sid"),
+                             {"sid": session_id})
+            conn.execute(sa.text("DELETE FROM sl_idempotency WHERE session_id = :sid"),
+                         {"sid": session_id})
+            conn.execute(sa.text(
+                "INSERT INTO sl_tombstones (session_id, name, final_status, version, purged_ts) "
+                "VALUES (:sid, :name, :status, 0, :ts) ON CONFLICT (session_id) DO NOTHING"),
+                {"sid": session_id, "name": name, "status": final_status, "ts": micros})
+            if also is not None:
+                also(conn)
+            conn.commit()
+
+    def tombstone(self, session_id: str) -> tuple[str, str, int] | None:
+        """(name, final status, purged_ts) of a purged session, if it was purged."""
+        rows = self.query(
+            "SELECT name, final_status, purged_ts FROM sl_tombstones WHERE session_id = ?",
+            (session_id,))
+        return (rows[0][0], rows[0][1], int(rows[0][2])) if rows else None
+
     def put_snapshots(self, snapshots: Sequence[SnapshotRow]) -> None:
         """Write (or replace) snapshots in their own transaction."""
         self.append((), None, snapshots)
@@ -290,6 +336,39 @@ class EventStore:
             raise StorageError("the engine is closed")
 
     # -- reading -----------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of one read statement written with qmark (`?`) parameters, on the engine's
+        connection (short reads; for long scans use scan())."""
+        return self._fetchall(self._sql.adapt(sql), params)
+
+    def scan(self, sql: str, params: Sequence[Any] = (), batch: int = 2000) -> Iterator[Any]:
+        """Stream the rows of one read statement (qmark parameters) in batches, on a connection
+        of its own so a long scan never holds up commands. Constant memory."""
+        with self._storage_errors("read from"):
+            fairy = self.engine.raw_connection()
+        try:
+            # psycopg's plain cursor would fetch the whole result at once: a server-side
+            # (named) cursor streams it; sqlite3 cursors step through the result lazily
+            cursor = (fairy.cursor() if self.dialect == "sqlite"
+                      else fairy.cursor(name=f"sl_scan_{threading.get_ident()}"))
+            try:
+                cursor.execute(self._sql.adapt(sql), tuple(params))
+                while True:
+                    rows = cursor.fetchmany(batch)
+                    if not rows:
+                        return
+                    yield from rows
+            except self._dbapi_error as error:
+                raise StorageError(
+                    f"read from {safe_url(self.url)} failed: {one_line(error)}"
+                ) from None
+            finally:
+                cursor.close()
+        finally:
+            with contextlib.suppress(Exception):
+                fairy.rollback()
+            fairy.close()
 
     def _fetchall(self, sql: str, params: Sequence[Any]) -> list[Any]:
         with self._lock:
@@ -348,6 +427,7 @@ class _Statements:
     """The hot-path SQL, written once and adapted to the DBAPI's parameter style."""
 
     def __init__(self, dialect: str) -> None:
+        self.dialect = dialect
         cols = "session_id, version, type, ts, actor, correlation_id, payload, digest"
         stream_cols = "version, type, ts, actor, correlation_id, payload, digest"
         snapshot_cols = "session_id, version, format_version, flags, digest, data, ts"
@@ -400,7 +480,11 @@ class _Statements:
             ),
         }
         for name, sql in statements.items():
-            setattr(self, name, sql if dialect == "sqlite" else sql.replace("?", "%s"))
+            setattr(self, name, self.adapt(sql))
+
+    def adapt(self, sql: str) -> str:
+        """qmark parameters as the dialect's DBAPI wants them."""
+        return sql if self.dialect == "sqlite" else sql.replace("?", "%s")
 
     insert_event: str
     insert_idempotency: str

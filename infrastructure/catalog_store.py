@@ -1,0 +1,154 @@
+"""SQL of the catalog read model: batch upserts, keyset-paginated queries, the rebuild swap.
+
+Rows travel as plain tuples in CATALOG_COLUMNS order (the projection that folds them lives in
+projections/catalog.py; storage does not know its classes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from . import schema
+from .store import EventStore
+
+CATALOG_COLUMNS = ("session_id", "name", "status", "parent", "created_by", "created_ts",
+                   "updated_ts", "version", "event_count", "last_checkpoint", "tags")
+#: one catalog row, in CATALOG_COLUMNS order
+CatalogRow = tuple[str, str, str, str | None, str | None, int, int, int, int, str | None, str]
+
+_COLS = ", ".join(CATALOG_COLUMNS)
+_UPDATES = ", ".join(f"{c} = excluded.{c}" for c in CATALOG_COLUMNS[1:])
+_CHUNK = 500  # ids per IN (...) list: well below every driver's parameter limit
+NEXT = "_next"
+
+
+class CatalogStore:
+    """Reads and writes the catalog tables (live, or the "_next" twins of a rebuild)."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.dialect = store.dialect
+
+    def _sql(self, text: str) -> str:
+        return text if self.dialect == "sqlite" else text.replace("?", "%s")
+
+    # -- writing (inside a subscriber's transaction) -----------------------------------------
+
+    def load(self, conn: Connection, ids: Sequence[str], suffix: str = "") -> list[CatalogRow]:
+        """The stored rows of these sessions (those that have one)."""
+        found: list[CatalogRow] = []
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start:start + _CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            result = conn.exec_driver_sql(self._sql(
+                f"SELECT {_COLS} FROM sl_catalog{suffix} WHERE session_id IN ({marks})"),
+                tuple(chunk))
+            found.extend(tuple(row) for row in result)
+        return found
+
+    def write(
+        self, conn: Connection, rows: Sequence[CatalogRow],
+        new_tags: Iterable[tuple[str, str]], suffix: str = "",
+    ) -> None:
+        """Upsert `rows` and insert the (tag, session_id) pairs of newly started sessions."""
+        if rows:
+            conn.exec_driver_sql(self._sql(
+                f"INSERT INTO sl_catalog{suffix} ({_COLS}) VALUES "
+                f"({', '.join('?' * len(CATALOG_COLUMNS))}) "
+                f"ON CONFLICT (session_id) DO UPDATE SET {_UPDATES}"), list(rows))
+        tags = list(new_tags)
+        if tags:
+            conn.exec_driver_sql(self._sql(
+                f"INSERT INTO sl_catalog_tags{suffix} (tag, session_id) VALUES (?, ?) "
+                "ON CONFLICT DO NOTHING"), tags)
+
+    def delete(self, conn: Connection, session_id: str) -> None:
+        """Remove one session (a purge) from the live catalog."""
+        for table in ("sl_catalog", "sl_catalog_tags"):
+            conn.exec_driver_sql(self._sql(f"DELETE FROM {table} WHERE session_id = ?"),
+                                 (session_id,))
+
+    # -- rebuilds ------------------------------------------------------------------------------
+
+    def create_next(self, conn: Connection) -> None:
+        """Make the empty "_next" tables a rebuild fills (kept if they exist: a resume)."""
+        target = sa.MetaData()
+        for table in schema.catalog_tables(target, NEXT):
+            conn.execute(CreateTable(table, if_not_exists=True))
+
+    def drop_next(self, conn: Connection) -> None:
+        """Throw away a rebuild's tables."""
+        for name in ("sl_catalog_next", "sl_catalog_tags_next"):
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+
+    def swap(self, conn: Connection) -> None:
+        """Replace the live tables by the rebuilt ones, with the live indexes (in the caller's
+        transaction: readers see the old catalog until it commits)."""
+        for name in ("sl_catalog", "sl_catalog_tags"):
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+            conn.exec_driver_sql(f"ALTER TABLE {name}{NEXT} RENAME TO {name}")
+        if self.dialect == "postgresql":
+            # PostgreSQL keeps the primary key's own name through a rename: give it back the
+            # live name so the next rebuild's "_next" key does not collide with it
+            conn.exec_driver_sql("ALTER INDEX IF EXISTS sl_catalog_next_pkey "
+                                 "RENAME TO sl_catalog_pkey")
+            conn.exec_driver_sql("ALTER TABLE sl_catalog_tags RENAME CONSTRAINT "
+                                 "sl_catalog_tags_next_pk TO sl_catalog_tags_pk")
+        for index in schema.catalog.indexes | schema.catalog_tags.indexes:
+            conn.execute(CreateIndex(index, if_not_exists=True))
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def find(
+        self,
+        statuses: Sequence[str] | None,
+        tags: Sequence[str] | None,
+        name: str | None,
+        parent: str | None,
+        updated_after: int | None,
+        updated_before: int | None,
+        limit: int,
+        after_key: tuple[int, str] | None,
+    ) -> list[CatalogRow]:
+        """Rows matching every given filter, newest update first, after the keyset `after_key`
+        ((updated_ts, session_id) of the last row of the previous page)."""
+        where: list[str] = []
+        params: list[Any] = []
+        if statuses:
+            where.append(f"c.status IN ({', '.join('?' * len(statuses))})")
+            params.extend(statuses)
+        if name is not None:
+            where.append("c.name = ?")
+            params.append(name)
+        if parent is not None:
+            where.append("c.parent = ?")
+            params.append(parent)
+        if updated_after is not None:
+            where.append("c.updated_ts > ?")
+            params.append(updated_after)
+        if updated_before is not None:
+            where.append("c.updated_ts < ?")
+            params.append(updated_before)
+        for tag in tags or ():
+            where.append("EXISTS (SELECT 1 FROM sl_catalog_tags t "
+                         "WHERE t.tag = ? AND t.session_id = c.session_id)")
+            params.append(tag)
+        if after_key is not None:
+            where.append("(c.updated_ts < ? OR (c.updated_ts = ? AND c.session_id < ?))")
+            params.extend((after_key[0], after_key[0], after_key[1]))
+        sql = f"SELECT {', '.join('c.' + c for c in CATALOG_COLUMNS)} FROM sl_catalog c"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY c.updated_ts DESC, c.session_id DESC LIMIT ?"
+        params.append(limit)
+        return [tuple(row) for row in self.store.query(sql, params)]
+
+    def all_rows(self) -> list[CatalogRow]:
+        """Every live row, by session id (for comparisons and tests)."""
+        return [tuple(row) for row in self.store.query(
+            f"SELECT {_COLS} FROM sl_catalog ORDER BY session_id")]

@@ -1,0 +1,195 @@
+"""Subscription plumbing: reading the log in global order, tracking positions, waiting for news.
+
+Positions are gap-free in commit order: on SQLite writers are serialised by the database lock,
+on PostgreSQL every appending transaction holds an advisory lock from its first statement to its
+commit (see EventStore.append), so a reader that sees position n has seen every position below
+it. A subscriber therefore never skips an event that committed late.
+
+Tracking rows live in the same database as the events. `transaction()` opens one transaction
+that locks the subscriber's tracking row; a handler that writes through the connection it is
+given commits together with the new position: exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from sessionledger.domain.errors import StorageError
+
+from .store import EVENTS_CHANNEL, EventStore, one_line, safe_url
+
+#: one event as a subscriber reads it: (position, session_id, version, type, ts, actor,
+#: correlation_id, payload)
+FeedRow = tuple[int, str, int, str, int, str | None, str | None, bytes]
+
+_FEED = ("SELECT position, session_id, version, type, ts, actor, correlation_id, payload "
+         "FROM sl_events WHERE position > :after AND position <= :upto{types} "
+         "ORDER BY position LIMIT :limit")
+
+
+class SubscriptionStore:
+    """Positions, tracking and the event feed of durable subscribers, on their own connections
+    (never the engine's command connection)."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.engine = store.engine
+        self.dialect = store.dialect
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except StorageError:
+            raise
+        except sa.exc.SQLAlchemyError as error:
+            original = getattr(error, "orig", None) or error
+            raise StorageError(
+                f"{doing} on {safe_url(self.store.url)} failed: {one_line(original)}"
+            ) from None
+
+    # -- positions -------------------------------------------------------------------------
+
+    def head(self) -> int:
+        """The global position of the newest event (0 for an empty log)."""
+        rows = self.store.query("SELECT MAX(position) FROM sl_events")
+        return int(rows[0][0] or 0)
+
+    def positions(self) -> dict[str, int]:
+        """Every tracked subscriber's position."""
+        rows = self.store.query("SELECT name, position FROM sl_tracking ORDER BY name")
+        return {name: int(position) for name, position in rows}
+
+    def position(self, name: str) -> int:
+        """A subscriber's tracked position (0 when it never ran)."""
+        rows = self.store.query("SELECT position FROM sl_tracking WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else 0
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self, name: str) -> Iterator[tuple[Connection, int]]:
+        """(connection, tracked position) inside one transaction that holds the subscriber's
+        tracking row; commits on success, rolls back on any error.
+
+        SQLite takes the database write lock up front (BEGIN IMMEDIATE: no lock upgrade half
+        way); PostgreSQL locks the tracking row (SELECT ... FOR UPDATE), so two processes that
+        run the same subscriber take turns instead of applying a batch twice.
+        """
+        with self._errors(f"subscriber {name!r}"), self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                row = conn.execute(sa.text("SELECT position FROM sl_tracking WHERE name = :n"),
+                                   {"n": name}).first()
+            else:
+                conn.execute(sa.text(
+                    "INSERT INTO sl_tracking (name, position, updated_ts) VALUES (:n, 0, 0) "
+                    "ON CONFLICT (name) DO NOTHING"), {"n": name})
+                row = conn.execute(sa.text(
+                    "SELECT position FROM sl_tracking WHERE name = :n FOR UPDATE"),
+                    {"n": name}).first()
+            try:
+                yield conn, int(row[0]) if row else 0
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+    def advance(self, conn: Connection, name: str, position: int) -> None:
+        """Record `position` for `name` in the transaction of `conn`."""
+        conn.execute(sa.text(
+            "INSERT INTO sl_tracking (name, position, updated_ts) VALUES (:n, :p, :t) "
+            "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
+            "updated_ts = excluded.updated_ts"),
+            {"n": name, "p": position, "t": time.time_ns() // 1000})
+
+    def advance_now(self, name: str, position: int) -> None:
+        """Record `position` for `name` in a transaction of its own."""
+        with self._errors(f"subscriber {name!r}"), self.engine.begin() as conn:
+            self.advance(conn, name, position)
+
+    def forget(self, conn: Connection, name: str) -> None:
+        """Drop the tracking row of `name` (in the transaction of `conn`)."""
+        conn.execute(sa.text("DELETE FROM sl_tracking WHERE name = :n"), {"n": name})
+
+    # -- the feed --------------------------------------------------------------------------
+
+    def read(
+        self, after: int, upto: int, limit: int, types: Sequence[str] | None = None,
+        conn: Connection | None = None,
+    ) -> list[FeedRow]:
+        """Up to `limit` events with positions in (after, upto], in order (of `types` only)."""
+        params: dict[str, Any] = {"after": after, "upto": upto, "limit": limit}
+        type_filter = ""
+        if types is not None:
+            names = [f"t{i}" for i in range(len(types))]
+            type_filter = f" AND type IN ({', '.join(':' + n for n in names)})"
+            params.update(zip(names, types, strict=True))
+        statement = sa.text(_FEED.format(types=type_filter))
+        with self._errors("read events"):
+            if conn is not None:
+                return [tuple(r) for r in conn.execute(statement, params)]
+            with self.engine.connect() as own:
+                return [tuple(r) for r in own.execute(statement, params)]
+
+    def head_in(self, conn: Connection) -> int:
+        """The newest position as the transaction of `conn` sees it."""
+        with self._errors("read events"):
+            value = conn.execute(sa.text("SELECT MAX(position) FROM sl_events")).scalar()
+        return int(value or 0)
+
+
+class Waker:
+    """Waits until new events may be there: LISTEN/NOTIFY on PostgreSQL, a short poll on
+    SQLite (whose writers cannot signal other processes)."""
+
+    def __init__(self, store: EventStore, poll_interval: float = 0.05) -> None:
+        self.store = store
+        self.poll_interval = poll_interval
+        self._fairy: Any = None
+        self._lock = threading.Lock()
+        if store.dialect == "postgresql":
+            self._listen()
+
+    def _listen(self) -> None:
+        fairy = self.store.engine.raw_connection()
+        db = fairy.dbapi_connection
+        assert db is not None
+        db.autocommit = True
+        db.execute(f"LISTEN {EVENTS_CHANNEL}")
+        self._fairy = fairy
+
+    def wait(self, timeout: float) -> None:
+        """Return when news may have arrived, or after `timeout` seconds."""
+        if self._fairy is None:
+            time.sleep(min(timeout, self.poll_interval))
+            return
+        db = self._fairy.dbapi_connection
+        try:
+            # block on the socket, then drain every pending notification without waiting
+            ready, _, _ = select.select([db.fileno()], [], [], timeout)
+            if ready:
+                for _ in db.notifies(timeout=0):
+                    pass
+        except Exception:
+            # a broken listening connection: take a new one, and let the caller read meanwhile
+            with contextlib.suppress(Exception):
+                self._fairy.invalidate()
+            self._fairy = None
+            with contextlib.suppress(Exception):
+                self._listen()
+
+    def close(self) -> None:
+        """Release the listening connection."""
+        if self._fairy is not None:
+            with contextlib.suppress(Exception):
+                self._fairy.invalidate()
+            self._fairy = None
