@@ -122,7 +122,9 @@ def test_delivery_is_event_major_in_subscription_order(make: Stream) -> None:
     log: list[tuple[str, str, int]] = []
     registry.subscribe(Recorder("first", log))
     registry.subscribe(Recorder("second", log))
-    registry.dispatch([make(A, "SessionStarted"), make(A, "StateChanged"), make(B, "SessionStarted")])
+    registry.dispatch([
+        make(A, "SessionStarted"), make(A, "StateChanged"), make(B, "SessionStarted"),
+    ])
     assert log == [
         ("first", A, 1), ("second", A, 1),
         ("first", A, 2), ("second", A, 2),
@@ -369,7 +371,7 @@ def test_bad_events_filter(events: Any) -> None:
 
 
 def test_unknown_event_type_message_names_it() -> None:
-    with pytest.raises(InvalidArgument, match="'Nope'.*known types: CheckpointTaken"):
+    with pytest.raises(InvalidArgument, match=r"'Nope'.*known types: CheckpointTaken"):
         HookRegistry().subscribe(Recorder(), events=["Nope"])
 
 
