@@ -22,6 +22,7 @@ from sessionledger.domain.errors import (
     InvalidTransition,
     SessionLedgerError,
     SessionNotFound,
+    SessionPurged,
     SnapshotCorrupted,
     SnapshotVersionError,
     StorageError,
@@ -30,31 +31,50 @@ from sessionledger.domain.errors import (
 from sessionledger.domain.events import EVENT_TYPES, SessionEvent
 from sessionledger.domain.session import Session
 from sessionledger.domain.status import SessionStatus
+from sessionledger.projections.catalog import SessionSummary
+from sessionledger.projections.hooks import HookFailed, HookSubscription, LoggingHook
+from sessionledger.projections.metrics import MetricsHook
 
+from .catalog import Page, ProjectionOutdated
 from .config import SessionConfig
 from .engine import SessionEngine
+from .retention import CleanupReport, RetentionPolicy
+from .subscribers import SubscriberFailed, SubscriberStatus, SubscriberThread
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EVENT_TYPES",
     "CheckpointNotFound",
+    "CleanupReport",
     "ConcurrencyConflict",
     "CorruptedData",
     "EventTooLarge",
+    "HookFailed",
+    "HookSubscription",
     "InvalidArgument",
     "InvalidSessionId",
     "InvalidTransition",
+    "LoggingHook",
+    "MetricsHook",
+    "Page",
+    "ProjectionOutdated",
+    "RetentionPolicy",
     "Session",
     "SessionConfig",
     "SessionEngine",
     "SessionEvent",
     "SessionLedgerError",
     "SessionNotFound",
+    "SessionPurged",
     "SessionStatus",
+    "SessionSummary",
     "SnapshotCorrupted",
     "SnapshotVersionError",
     "StorageError",
+    "SubscriberFailed",
+    "SubscriberStatus",
+    "SubscriberThread",
     "UnsupportedValue",
     "__version__",
 ]

@@ -27,6 +27,7 @@ from sessionledger.domain.errors import (
     InvalidSessionId,
     InvalidTransition,
     SessionNotFound,
+    SessionPurged,
 )
 from sessionledger.domain.events import (
     CHECKPOINT_TAKEN,
@@ -415,7 +416,7 @@ class SessionEngine:
         sid = parse_session_id(session_id)
         stored = self._store.stream(sid)
         if not stored:
-            raise SessionNotFound(sid)
+            raise self._not_found(sid)
         return session_events(sid, self._codec.decode(sid, stored))
 
     def list_sessions(self, limit: int = 100) -> list[Session]:
@@ -855,9 +856,20 @@ class SessionEngine:
         if entry is not None:
             self._working_set.move_to_end(sid)
             return entry[0], entry[1], True
-        session, head = self._repository.load(sid)
+        try:
+            session, head = self._repository.load(sid)
+        except SessionNotFound:
+            raise self._not_found(sid) from None
         self._remember(session, head)
         return session, head, False
+
+    def _not_found(self, sid: str) -> SessionNotFound:
+        """SessionNotFound, or SessionPurged when a cleanup left a tombstone for `sid`."""
+        tombstone = self._store.tombstone(sid)
+        if tombstone is None:
+            return SessionNotFound(sid)
+        name, status, micros = tombstone
+        return SessionPurged(sid, name, status, to_datetime(micros).isoformat())
 
     def _remember(self, session: Session, head: bytes) -> None:
         capacity = self.config.max_active_sessions

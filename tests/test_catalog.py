@@ -1,0 +1,229 @@
+"""The catalog read model: find() with filters and keyset pages, exactly-once upkeep, rebuilds."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from _helpers import Backend
+from conftest import EngineFactory
+
+from sessionledger import (
+    InvalidArgument,
+    ProjectionOutdated,
+    SessionEngine,
+    SessionStatus,
+)
+
+
+def catalog_rows(backend: Backend) -> list[tuple[object, ...]]:
+    return backend.sql("SELECT * FROM sl_catalog ORDER BY session_id")
+
+
+def tag_rows(backend: Backend) -> list[tuple[object, ...]]:
+    return backend.sql("SELECT tag, session_id FROM sl_catalog_tags ORDER BY tag, session_id")
+
+
+def populate(engine: SessionEngine) -> dict[str, str]:
+    """A small realistic set of sessions in every status; returns name -> id."""
+    ids: dict[str, str] = {}
+    ids["agent"] = engine.create("agent-run", tags=["agent", "gpu"], actor="alice")
+    engine.update(ids["agent"], {"step": 1})
+    engine.checkpoint(ids["agent"], "cp-1")
+    ids["child"] = engine.create("fetch", parent=ids["agent"], tags=["agent"], actor="bot")
+    ids["paused"] = engine.create("notebook", tags=["user"], actor="bob")
+    engine.suspend(ids["paused"])
+    ids["done"] = engine.create("report", tags=["user", "gpu"])
+    engine.end(ids["done"], outcome="completed")
+    ids["failed"] = engine.create("import", tags=["batch"])
+    engine.end(ids["failed"], outcome="failed")
+    ids["archived"] = engine.create("old", tags=["batch"])
+    engine.end(ids["archived"], outcome="cancelled")
+    engine.archive(ids["archived"])
+    return ids
+
+
+def test_catalog_rows_follow_every_event(engine_factory: EngineFactory) -> None:
+    engine = engine_factory()
+    ids = populate(engine)
+    page = engine.find(limit=100)
+    by_id = {item.id: item for item in page}
+    assert set(by_id) == set(ids.values())
+    agent = by_id[ids["agent"]]
+    assert (agent.name, agent.status, agent.version, agent.event_count) == (
+        "agent-run", SessionStatus.ACTIVE, 3, 3)
+    assert agent.tags == ["agent", "gpu"] and agent.created_by == "alice"
+    assert agent.last_checkpoint == "cp-1"
+    assert by_id[ids["child"]].parent == ids["agent"]
+    assert by_id[ids["paused"]].status is SessionStatus.SUSPENDED
+    assert by_id[ids["done"]].status is SessionStatus.COMPLETED
+    assert by_id[ids["failed"]].status is SessionStatus.FAILED
+    assert by_id[ids["archived"]].status is SessionStatus.ARCHIVED
+    session = engine.get(ids["agent"])
+    assert agent.updated_at == session.updated_at and agent.created_at == session.created_at
+    # newest update first
+    updated = [item.updated_at for item in page]
+    assert updated == sorted(updated, reverse=True)
+
+
+def test_find_filters(engine_factory: EngineFactory) -> None:
+    engine = engine_factory()
+    ids = populate(engine)
+
+    def found(**filters: object) -> set[str]:
+        return {item.id for item in engine.find(**filters)}  # type: ignore[arg-type]
+
+    assert found(status="ACTIVE") == {ids["agent"], ids["child"]}
+    assert found(status=SessionStatus.SUSPENDED) == {ids["paused"]}
+    assert found(status=["completed", "FAILED"]) == {ids["done"], ids["failed"]}
+    assert found(tags=["agent"]) == {ids["agent"], ids["child"]}
+    assert found(tags=["gpu", "user"]) == {ids["done"]}  # every tag must be there
+    assert found(tags=["gpu"], status="ACTIVE") == {ids["agent"]}
+    assert found(name="notebook") == {ids["paused"]}
+    assert found(parent=ids["agent"]) == {ids["child"]}
+    assert found(tags=["nope"]) == set()
+    middle = engine.get(ids["paused"]).updated_at
+    newer = found(updated_after=middle)
+    older = found(updated_before=middle)
+    assert ids["paused"] not in newer | older
+    assert newer | older | {ids["paused"]} == set(ids.values())
+    assert found(updated_after=middle.isoformat()) == newer
+
+
+def test_keyset_pages_cover_everything_once(engine_factory: EngineFactory) -> None:
+    engine = engine_factory()
+    created = {engine.create(f"s{i}", tags=["t"]) for i in range(23)}
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        page = engine.find(tags=["t"], limit=5, cursor=cursor)
+        seen.extend(item.id for item in page)
+        pages += 1
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert pages == 5 and len(seen) == 23 and set(seen) == created
+    with pytest.raises(InvalidArgument):
+        engine.find(cursor="not-a-cursor")
+
+
+@pytest.mark.parametrize("bad", [
+    {"status": "SLEEPING"}, {"tags": "x" * 0 or 5}, {"limit": 0}, {"limit": "10"},
+    {"updated_after": "yesterday"}, {"updated_before": 12}, {"parent": "not-a-uuid"},
+])
+def test_find_rejects_bad_arguments(engine: SessionEngine, bad: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgument):
+        engine.find(**bad)  # type: ignore[arg-type]
+
+
+def test_find_reads_other_engines_writes(engine_factory: EngineFactory) -> None:
+    a, b = engine_factory(), engine_factory()
+    sid = a.create("from-a", tags=["x"])
+    assert [item.id for item in b.find(tags=["x"])] == [sid]
+    a.end(sid)
+    assert b.find(tags=["x"])[0].status is SessionStatus.COMPLETED
+
+
+def test_catalog_is_applied_exactly_once_by_concurrent_engines(
+    engine_factory: EngineFactory, backend: Backend
+) -> None:
+    engines = [engine_factory() for _ in range(3)]
+    sid = engines[0].create("shared")
+    for n in range(30):
+        engines[n % 3].update(sid, {"n": n})
+        engines[(n + 1) % 3].find()  # each engine folds what is pending, taking turns
+    for engine in engines:
+        engine.run_subscribers(until_idle=True)
+    row = engines[0].find()[0]
+    assert (row.version, row.event_count) == (31, 31)
+
+
+def test_rebuilt_catalog_equals_the_live_one(engine_factory: EngineFactory,
+                                             backend: Backend) -> None:
+    engine = engine_factory()
+    populate(engine)
+    engine.find()  # live catalog up to date
+    live, live_tags = catalog_rows(backend), tag_rows(backend)
+    assert live
+    reports: list[tuple[int, int, float]] = []
+    folded = engine.rebuild("catalog", progress=lambda d, h, r: reports.append((d, h, r)))
+    assert folded == sum(row[8] for row in live)  # every event of the log  # type: ignore
+    assert catalog_rows(backend) == live and tag_rows(backend) == live_tags
+    assert reports and reports[-1][0] == reports[-1][1]
+    # still kept current after the swap
+    sid = engine.create("after-rebuild", tags=["new"])
+    assert [item.id for item in engine.find(tags=["new"])] == [sid]
+    # and a second rebuild works too (index and key names survived the swap)
+    engine.rebuild("catalog")
+    assert len(catalog_rows(backend)) == len(live) + 1
+
+
+def test_interrupted_rebuild_resumes(engine_factory: EngineFactory, backend: Backend) -> None:
+    engine = engine_factory()
+    populate(engine)
+    engine.find()
+    live = catalog_rows(backend)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_batch(done: int, head: int, rate: float) -> None:
+        raise Interrupt
+
+    small = engine_factory()
+    small._runner.batch_size = 3  # several batches  # noqa: SLF001
+    small._catalog.runner.batch_size = 3  # noqa: SLF001
+    with pytest.raises(Interrupt):
+        small.rebuild("catalog", progress=stop_after_first_batch)
+    tracked = backend.sql("SELECT position FROM sl_tracking WHERE name = 'catalog:rebuild'")
+    assert tracked and 0 < tracked[0][0]
+    assert catalog_rows(backend) == live  # the live catalog untouched meanwhile
+    small.rebuild("catalog")
+    assert catalog_rows(backend) == live
+    assert backend.sql("SELECT COUNT(*) FROM sl_tracking WHERE name = 'catalog:rebuild'") == [(0,)]
+
+
+def test_outdated_projection_is_rebuilt_or_refused(engine_factory: EngineFactory,
+                                                   backend: Backend) -> None:
+    engine = engine_factory()
+    populate(engine)
+    engine.find()
+    live = catalog_rows(backend)
+    backend.sql("UPDATE sl_meta SET value = '0' WHERE key = 'projection:catalog'")
+    backend.sql("DELETE FROM sl_catalog")  # what an old projection left is thrown away
+    refusing = engine_factory(auto_rebuild=False)
+    with pytest.raises(ProjectionOutdated) as raised:
+        refusing.find()
+    assert "rebuild" in str(raised.value)
+    engine_factory()  # auto_rebuild=True (the default) rebuilds at start-up
+    assert catalog_rows(backend) == live
+    assert backend.sql("SELECT value FROM sl_meta WHERE key = 'projection:catalog'") == [("1",)]
+
+
+@pytest.mark.timeout(120)
+def test_find_over_many_sessions_is_indexed(engine_factory: EngineFactory,
+                                            backend: Backend) -> None:
+    """A plan check, not a timing: the status and tag queries use the catalog's indexes."""
+    engine = engine_factory(durability="normal", lifecycle_hooks=False)
+    for i in range(300):
+        engine.create(f"s{i}", tags=[f"t{i % 7}"])
+    engine.find()
+    started = time.perf_counter()
+    page = engine.find(status="ACTIVE", tags=["t3"], limit=10)
+    assert len(page) == 10
+    assert time.perf_counter() - started < 5.0  # generous: catches a runaway scan only
+    if backend.kind == "sqlite":
+        plan = " ".join(str(r) for r in backend.sql(
+            "EXPLAIN QUERY PLAN SELECT session_id FROM sl_catalog c WHERE c.status = 'ACTIVE' "
+            "ORDER BY c.updated_ts DESC, c.session_id DESC LIMIT 10"))
+        assert "ix_sl_catalog_status_updated" in plan
+
+
+def test_updated_at_filters_accept_naive_and_aware(engine: SessionEngine) -> None:
+    sid = engine.create("a")
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    assert [i.id for i in engine.find(updated_before=later)] == [sid]
+    assert [i.id for i in engine.find(updated_before=later.replace(tzinfo=None))] == [sid]
+    assert list(engine.find(updated_after=later)) == []
