@@ -60,7 +60,7 @@ def test_save_all_active_is_all_or_nothing(engine_factory: EngineFactory, backen
     engine = engine_factory(snapshot_every=0)
     sids = [engine.create(f"s{i}") for i in range(4)]
     # the events of the batch are inserted, then the snapshot insert fails: nothing may stay
-    monkeypatch.setattr(engine._store._sql, "upsert_snapshot",  # noqa: SLF001
+    monkeypatch.setattr(engine._store._sql, "upsert_snapshot",
                         "INSERT INTO no_such_table VALUES (?, ?, ?, ?, ?, ?, ?)")
     with pytest.raises(StorageError):
         engine.save_all_active()
@@ -121,7 +121,9 @@ def test_cleanup_dry_run_touches_nothing(engine_factory: EngineFactory, backend:
     assert live not in report.session_ids
 
 
-def test_cleanup_archives_old_ended_sessions_keeping_the_last(engine_factory: EngineFactory) -> None:
+def test_cleanup_archives_old_ended_sessions_keeping_the_last(
+    engine_factory: EngineFactory,
+) -> None:
     engine = engine_factory()
     sids = ended_sessions(engine, 5)  # sids[4] ended last
     active = engine.create("active")

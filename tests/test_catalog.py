@@ -173,12 +173,12 @@ def test_interrupted_rebuild_resumes(engine_factory: EngineFactory, backend: Bac
         raise Interrupt
 
     small = engine_factory()
-    small._runner.batch_size = 3  # several batches  # noqa: SLF001
-    small._catalog.runner.batch_size = 3  # noqa: SLF001
+    small._runner.batch_size = 3  # several batches
+    small._catalog.runner.batch_size = 3
     with pytest.raises(Interrupt):
         small.rebuild("catalog", progress=stop_after_first_batch)
     tracked = backend.sql("SELECT position FROM sl_tracking WHERE name = 'catalog:rebuild'")
-    assert tracked and 0 < tracked[0][0]
+    assert tracked and tracked[0][0] > 0
     assert catalog_rows(backend) == live  # the live catalog untouched meanwhile
     small.rebuild("catalog")
     assert catalog_rows(backend) == live
