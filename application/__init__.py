@@ -40,6 +40,7 @@ from .config import SessionConfig
 from .engine import SessionEngine
 from .retention import CleanupReport, RetentionPolicy
 from .subscribers import SubscriberFailed, SubscriberStatus, SubscriberThread
+from .verify import Problem, VerifyReport
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,7 @@ __all__ = [
     "LoggingHook",
     "MetricsHook",
     "Page",
+    "Problem",
     "ProjectionOutdated",
     "RetentionPolicy",
     "Session",
@@ -76,5 +78,6 @@ __all__ = [
     "SubscriberStatus",
     "SubscriberThread",
     "UnsupportedValue",
+    "VerifyReport",
     "__version__",
 ]

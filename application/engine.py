@@ -69,6 +69,7 @@ from .subscribers import (
     SubscriberThread,
     checked_subscription,
 )
+from .verify import Verifier, VerifyReport
 
 Decision = Callable[[Session], list[PendingEvent]]
 
@@ -689,6 +690,17 @@ class SessionEngine:
             if self.hooks.active and all_rows:
                 self._deliver({s.id: s.name for s, _, _ in decided}, all_rows, position)
             return {session.id: rows[-1][1] for session, _, rows in decided}
+
+    # -- tamper evidence ------------------------------------------------------------------------
+
+    def verify(self, session_id: str | UUID | None = None) -> VerifyReport:
+        """Check the hash chain of every session (or one) and every snapshot against the events.
+
+        Returns a VerifyReport: ``report.ok``, and ``report.problems`` naming session, version
+        and what is wrong (the first broken link of each session).
+        """
+        sid = None if session_id is None else parse_session_id(session_id)
+        return Verifier(self._store, self._codec, self._repository).run(sid)
 
     # -- observability -------------------------------------------------------------------------
 

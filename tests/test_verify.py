@@ -1,0 +1,97 @@
+"""verify(): hash chains and snapshots, the first broken link of each session."""
+
+from __future__ import annotations
+
+import pytest
+from _helpers import Backend
+from conftest import EngineFactory
+
+from sessionledger import SessionEngine
+
+
+def make(engine: SessionEngine, n: int = 8) -> str:
+    sid = engine.create("s", state={"text": "abcdefgh"})
+    for i in range(n):
+        engine.update(sid, {"i": i, "text": f"value-{i}"})
+    return sid
+
+
+def test_clean_database_verifies(engine_factory: EngineFactory) -> None:
+    engine = engine_factory(snapshot_every=3)
+    sids = [make(engine) for _ in range(3)]
+    report = engine.verify()
+    assert report.ok and report.problems == []
+    assert (report.sessions, report.events) == (3, 27)
+    assert report.snapshots == 3 * 3  # versions 3, 6, 9
+    assert engine.verify(sids[0]).sessions == 1
+
+
+TAMPERING = {
+    "changed byte": lambda b, sid: b.sql(
+        "UPDATE sl_events SET payload = ? WHERE session_id = ? AND version = 5",
+        (b.sql("SELECT payload FROM sl_events WHERE session_id = ? AND version = 5",
+               (sid,))[0][0].replace(b"value-3", b"value-X"), sid)),
+    "changed actor": lambda b, sid: b.sql(
+        "UPDATE sl_events SET actor = 'mallory' WHERE session_id = ? AND version = 5", (sid,)),
+    "changed time": lambda b, sid: b.sql(
+        "UPDATE sl_events SET ts = ts + 1 WHERE session_id = ? AND version = 5", (sid,)),
+    "deleted event": lambda b, sid: b.sql(
+        "DELETE FROM sl_events WHERE session_id = ? AND version = 5", (sid,)),
+    "reordered events": lambda b, sid: [
+        b.sql("UPDATE sl_events SET version = -1 WHERE session_id = ? AND version = 5", (sid,)),
+        b.sql("UPDATE sl_events SET version = 5 WHERE session_id = ? AND version = 6", (sid,)),
+        b.sql("UPDATE sl_events SET version = 6 WHERE session_id = ? AND version = -1", (sid,)),
+    ],
+    "inserted event": lambda b, sid: [
+        b.sql("UPDATE sl_events SET version = version + 100 WHERE session_id = ? AND version >= 5",
+              (sid,)),
+        b.sql("UPDATE sl_events SET version = version - 99 WHERE session_id = ? AND version > 100",
+              (sid,)),
+        b.sql("INSERT INTO sl_events (session_id, version, type, ts, actor, correlation_id, "
+              "payload, digest) SELECT session_id, 5, type, ts, actor, correlation_id, payload, "
+              "digest FROM sl_events WHERE session_id = ? AND version = 4", (sid,)),
+    ],
+}
+
+
+@pytest.mark.parametrize("how", list(TAMPERING))
+def test_tampering_is_found_at_its_first_broken_link(engine_factory: EngineFactory,
+                                                     backend: Backend, how: str) -> None:
+    engine = engine_factory(snapshot_every=0)
+    sid = make(engine)
+    other = make(engine)
+    TAMPERING[how](backend, sid)
+    report = engine.verify()
+    assert not report.ok
+    assert [p.session_id for p in report.problems] == [sid]  # the neighbour is fine
+    assert report.problems[0].version == 5
+    assert sid in str(report.problems[0])
+    assert engine.verify(other).ok
+
+
+def test_snapshot_that_does_not_match_the_events(engine_factory: EngineFactory,
+                                                 backend: Backend) -> None:
+    engine = engine_factory(snapshot_every=4)
+    sid = make(engine)
+    other = make(engine)
+    # a well-formed snapshot of another session's state, copied over this one's at version 4
+    backend.sql("DELETE FROM sl_snapshots WHERE session_id = ? AND version = 4", (sid,))
+    backend.sql("INSERT INTO sl_snapshots (session_id, version, format_version, flags, digest, "
+                "data, ts) SELECT ?, version, format_version, flags, digest, data, ts FROM "
+                "sl_snapshots WHERE session_id = ? AND version = 4", (sid, other))
+    backend.sql("UPDATE sl_snapshots SET digest = ? WHERE session_id = ? AND version = 8",
+                (b"\x00" * 32, sid))
+    report = engine.verify()
+    found = {(p.session_id, p.version) for p in report.problems}
+    assert found == {(sid, 4), (sid, 8)}
+
+
+def test_integrity_key_protects_the_chain(engine_factory: EngineFactory) -> None:
+    keyed = engine_factory(integrity_key="s3cret")
+    sid = make(keyed)
+    assert keyed.verify().ok
+    other_key = engine_factory(integrity_key="guess")
+    report = other_key.verify()
+    assert not report.ok and report.problems[0].session_id == sid
+    assert report.problems[0].version == 1
+    assert not engine_factory().verify().ok  # no key at all: not the same chain either
