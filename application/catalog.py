@@ -15,14 +15,15 @@ from dataclasses import dataclass
 
 from sqlalchemy.engine import Connection
 
-from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
-from sessionledger.domain.events import to_micros
+from sessionledger.domain.errors import CorruptedData, InvalidArgument, SessionLedgerError
+from sessionledger.domain.events import SESSION_STARTED, to_micros
 from sessionledger.infrastructure.catalog_store import NEXT, CatalogRow, CatalogStore
 from sessionledger.infrastructure.codec import PayloadCodec
 from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore
 from sessionledger.projections.catalog import (
     CATALOG_VERSION,
     NEEDS_DATA,
+    SPECIAL_TYPES,
     CatalogEntry,
     SessionSummary,
     fold,
@@ -35,6 +36,7 @@ from .subscribers import SubscriberRunner
 CATALOG = "catalog"
 REBUILD_TRACKING = "catalog:rebuild"
 VERSION_KEY = "projection:catalog"
+REBUILD_BATCH = 10_000
 
 #: progress(done_position, head_position, events_per_second) during a rebuild
 Progress = Callable[[int, int, float], None]
@@ -66,23 +68,53 @@ class CatalogConsumer:
     types: tuple[str, ...] | None = None
     transactional: bool = True
 
+    windowed: bool = True
+
     def handle(self, rows: Sequence[FeedRow], conn: Connection | None) -> int:
-        assert conn is not None
-        touched = list(dict.fromkeys(row[1] for row in rows))
+        """The Consumer protocol's per-row entry (unused: the runner calls handle_window)."""
+        raise NotImplementedError("the catalog folds position windows: handle_window()")
+
+    def handle_window(self, conn: Connection, after: int, upto: int) -> int:
+        """Fold the events with positions in (after, upto]; return how many there were.
+
+        The same result as fold() applied event by event (the tests hold the two together):
+        a session's version, time and count come from the database's own GROUP BY, and only
+        the events that change more than that (SPECIAL_TYPES, a few per session) are folded
+        here. Relies on a session's timestamps never going backwards (commands enforce it), so
+        MAX(ts) is the time of its last event.
+        """
+        if after == 0 and not self.suffix:
+            # a live catalog built from the start of the log is this projection version's
+            self.tables.set_meta(conn, VERSION_KEY, str(CATALOG_VERSION))
+        totals, special = self.tables.window(conn, after, upto, SPECIAL_TYPES)
+        touched = [row[0] for row in totals]
         entries = {row[0]: _to_entry(row) for row in self.tables.load(conn, touched, self.suffix)}
         new_tags: list[tuple[str, str]] = []
         decode = self.payloads.decode
-        for _position, sid, version, event_type, micros, actor, _corr, payload in rows:
+        for sid, version, event_type, micros, actor, payload in special:
             data = None
             if event_type in NEEDS_DATA:
                 schema, raw = decode(bytes(payload), sid, version)
                 data = current_data(sid, version, event_type, schema, raw)
-            entry = entries[sid] = fold(entries.get(sid), sid, version, event_type, micros,
-                                        actor, data)
-            if data is not None and version == 1:
+            entry = entries.get(sid)
+            count = entry.event_count if entry is not None else 0
+            entry = entries[sid] = fold(entry, sid, version, event_type, micros, actor, data)
+            entry.event_count = count  # counted below, with the other events
+            if event_type == SESSION_STARTED:
                 new_tags.extend((tag, sid) for tag in entry.tags)
-        self.tables.write(conn, [_to_row(e) for e in entries.values()], new_tags, self.suffix)
-        return len(rows)
+        handled = 0
+        for sid, version, micros, count in totals:
+            entry = entries.get(sid)
+            if entry is None:
+                # events of a session whose start is in no window: its log begins mid-stream
+                raise CorruptedData(sid, None, "events of a session that never started")
+            entry.version = max(entry.version, int(version))
+            entry.updated_us = max(entry.updated_us, int(micros))
+            entry.event_count += int(count)
+            handled += int(count)
+        self.tables.write(conn, [_to_row(entries[sid]) for sid in touched], new_tags,
+                          self.suffix)
+        return handled
 
 
 class Catalog:
@@ -95,6 +127,9 @@ class Catalog:
         self.runner = runner
         self.consumer = CatalogConsumer(tables, payloads)
         self._rebuilder = CatalogConsumer(tables, payloads, name=REBUILD_TRACKING, suffix=NEXT)
+        # a rebuild commits every REBUILD_BATCH events: big enough that commits cost little per
+        # event, small enough that an interrupted rebuild loses little
+        self._rebuild_runner = SubscriberRunner(subscriptions, REBUILD_BATCH)
 
     # -- versions ---------------------------------------------------------------------------
 
@@ -113,18 +148,12 @@ class Catalog:
         return stored != CATALOG_VERSION
 
     def _set_version(self, conn: Connection) -> None:
-        conn.exec_driver_sql(self.tables._sql(
-            "INSERT INTO sl_meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
-            (VERSION_KEY, str(CATALOG_VERSION)))
+        self.tables.set_meta(conn, VERSION_KEY, str(CATALOG_VERSION))
 
     # -- keeping it current -----------------------------------------------------------------
 
     def catch_up(self) -> int:
         """Fold every event not yet in the catalog; return how many."""
-        if self.stored_version() is None:
-            with self.subscriptions.transaction(CATALOG) as (conn, _):
-                self._set_version(conn)
         return self.runner.catch_up(self.consumer)
 
     # -- queries ----------------------------------------------------------------------------
@@ -170,7 +199,7 @@ class Catalog:
         head = subs.head()
         done = first
         while True:
-            handled = self.runner.step(self._rebuilder)
+            handled = self._rebuild_runner.step(self._rebuilder)
             done = subs.position(REBUILD_TRACKING)
             if progress is not None:
                 elapsed = time.perf_counter() - started
@@ -183,12 +212,8 @@ class Catalog:
         with subs.transaction(CATALOG) as (conn, _):
             position = subs.head_in(conn)
             rebuilt = subs.position(REBUILD_TRACKING)
-            while rebuilt < position:
-                rows = subs.read(rebuilt, position, self.runner.batch_size, None, conn)
-                if not rows:
-                    break
-                self._rebuilder.handle(rows, conn)
-                rebuilt = rows[-1][0]
+            if rebuilt < position:
+                self._rebuilder.handle_window(conn, rebuilt, position)
             self.tables.swap(conn)
             subs.advance(conn, CATALOG, position)
             subs.forget(conn, REBUILD_TRACKING)

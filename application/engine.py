@@ -49,7 +49,7 @@ from sessionledger.infrastructure.store import (
     safe_url,
 )
 from sessionledger.infrastructure.subscriptions import SubscriptionStore, Waker
-from sessionledger.projections.hooks import HookRegistry, LoggingHook
+from sessionledger.projections.hooks import HookFailed, HookRegistry, LoggingHook
 from sessionledger.projections.metrics import MetricsHook
 from sessionledger.projections.replay import session_events
 
@@ -139,6 +139,8 @@ class SessionEngine:
         self._working_set: OrderedDict[str, tuple[Session, bytes]] = OrderedDict()
         #: in-process hooks: subscribe(handler, events=None, sessions=None)
         self.hooks = HookRegistry(on_error=self.config.hook_errors)
+        self._hook_queue: list[SessionEvent] = []
+        self._delivering = False
         self._metrics_hook: MetricsHook | None = None
         if self.config.lifecycle_hooks:
             self._install_lifecycle_hooks()
@@ -826,7 +828,24 @@ class SessionEngine:
             data = decode(payload, sid, version)[1]
             events.append(SessionEvent(sid, version, event_type, to_datetime(micros), actor,
                                        correlation, data, first + offset, names[sid]))
-        self.hooks.dispatch(events)
+        # A hook may issue commands itself: their events queue behind the batch being delivered,
+        # so every hook still sees each session's events in version order.
+        self._hook_queue.extend(events)
+        if self._delivering:
+            return
+        self._delivering = True
+        failed: HookFailed | None = None
+        try:
+            while self._hook_queue:
+                batch, self._hook_queue = self._hook_queue, []
+                try:
+                    self.hooks.dispatch(batch)
+                except HookFailed as error:  # hook_errors="raise": after every event went out
+                    failed = failed or error
+        finally:
+            self._delivering = False
+        if failed is not None:
+            raise failed
 
     def _apply_committing(
         self, session: Session, pending: list[PendingEvent], rows: list[EventRow], now: int

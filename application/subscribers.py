@@ -80,15 +80,16 @@ class HandlerSubscriber:
 
     def handle(self, rows: Sequence[FeedRow], conn: Connection | None) -> int:
         handled = 0
+        transactional = self.transactional
         for row in rows:
-            event = decode_feed_row(self.payloads, row)
-            if self.transactional:
-                self.handler(event, conn)
-            else:
-                try:
+            try:
+                event = decode_feed_row(self.payloads, row)
+                if transactional:
+                    self.handler(event, conn)
+                else:
                     self.handler(event)
-                except BaseException as error:
-                    raise _PartialBatch(handled, error) from error
+            except Exception as error:
+                raise _PartialBatch(handled, error) from error
             handled += 1
         return handled
 
@@ -133,6 +134,8 @@ class SubscriberRunner:
         """Deliver one batch to `consumer`; return how many events it handled (0: idle)."""
         subs = self.subscriptions
         name = consumer.name
+        if getattr(consumer, "windowed", False):
+            return self._step_window(consumer)
         if consumer.transactional:
             with subs.transaction(name) as (conn, position):
                 head = subs.head_in(conn)
@@ -141,11 +144,11 @@ class SubscriberRunner:
                 rows = subs.read(position, head, self.batch_size, consumer.types, conn)
                 try:
                     consumer.handle(rows, conn)
-                except SessionLedgerError:
-                    raise
-                except Exception as error:
-                    at = rows[0][0] if rows else position
-                    raise SubscriberFailed(name, at, error) from error
+                except _PartialBatch as partial:
+                    # the whole batch rolls back: the position stays where it was
+                    raise SubscriberFailed(
+                        name, rows[partial.handled][0], partial.error
+                    ) from partial.error
                 # a filtered read that came back short has seen the whole window up to head
                 done = rows[-1][0] if len(rows) == self.batch_size else head
                 subs.advance(conn, name, done)
@@ -160,10 +163,26 @@ class SubscriberRunner:
         except _PartialBatch as partial:
             if partial.handled:
                 subs.advance_now(name, rows[partial.handled - 1][0])
-            raise SubscriberFailed(name, rows[partial.handled][0], partial.error) from None
+            raise SubscriberFailed(
+                name, rows[partial.handled][0], partial.error
+            ) from partial.error
         done = rows[-1][0] if len(rows) == self.batch_size else head
         subs.advance_now(name, done)
         return len(rows)
+
+    def _step_window(self, consumer: Any) -> int:
+        """A consumer that folds whole position windows in SQL (the catalog): exactly once."""
+        subs = self.subscriptions
+        with subs.transaction(consumer.name) as (conn, position):
+            head = subs.head_in(conn)
+            if head <= position:
+                return 0
+            # positions are dense but for rolled-back or purged ones: a window of batch_size
+            # positions holds at most batch_size events
+            upto = min(head, position + self.batch_size)
+            handled: int = consumer.handle_window(conn, position, upto)
+            subs.advance(conn, consumer.name, upto)
+            return max(handled, 1)
 
     def catch_up(self, consumer: Consumer) -> int:
         """Deliver everything pending to `consumer`; return how many events it handled."""

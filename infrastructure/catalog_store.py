@@ -67,6 +67,40 @@ class CatalogStore:
                 f"INSERT INTO sl_catalog_tags{suffix} (tag, session_id) VALUES (?, ?) "
                 "ON CONFLICT DO NOTHING"), tags)
 
+    def window(
+        self, conn: Connection, after: int, upto: int, special: Sequence[str]
+    ) -> tuple[list[tuple[str, int, int, int]], list[tuple[str, int, str, int, str | None,
+                                                            bytes]]]:
+        """The events with positions in (after, upto], as the catalog needs them:
+
+        - per session: (session_id, highest version, latest ts, number of events), grouped by
+          SQLite or PostgreSQL itself, so the events that only move a session's version and
+          time on never reach Python;
+        - the events of the `special` types in order: (session_id, version, type, ts, actor,
+          payload).
+        """
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(self._sql(
+                "SELECT session_id, MAX(version), MAX(ts), COUNT(*) FROM sl_events "
+                "WHERE position > ? AND position <= ? GROUP BY session_id"), (after, upto))
+            totals = list(cursor.fetchall())
+            marks = ", ".join("?" * len(special))
+            cursor.execute(self._sql(
+                "SELECT session_id, version, type, ts, actor, payload FROM sl_events "
+                f"WHERE position > ? AND position <= ? AND type IN ({marks}) ORDER BY position"),
+                (after, upto, *special))
+            events = list(cursor.fetchall())
+        finally:
+            cursor.close()
+        return totals, events
+
+    def set_meta(self, conn: Connection, key: str, value: str) -> None:
+        """Record `key` = `value` in sl_meta (in the transaction of `conn`)."""
+        conn.exec_driver_sql(self._sql(
+            "INSERT INTO sl_meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value"), (key, value))
+
     def delete(self, conn: Connection, session_id: str) -> None:
         """Remove one session (a purge) from the live catalog."""
         for table in ("sl_catalog", "sl_catalog_tags"):

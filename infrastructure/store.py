@@ -17,7 +17,7 @@ from typing import Any, cast
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.pool import NullPool, StaticPool
+from sqlalchemy.pool import QueuePool, StaticPool
 
 from sessionledger.domain.errors import StorageError
 
@@ -125,7 +125,9 @@ class EventStore:
                 memory = url.database in (None, "", ":memory:")
                 engine = sa.create_engine(
                     url,
-                    poolclass=StaticPool if memory else NullPool,
+                    # a file database keeps a few connections for subscribers and scans (a new
+                    # sqlite3 connection with its PRAGMAs costs about a millisecond)
+                    poolclass=StaticPool if memory else QueuePool,
                     connect_args={"check_same_thread": False, "timeout": 30.0},
                 )
                 sync = DURABILITY_PRAGMAS[durability]

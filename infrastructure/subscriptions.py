@@ -136,9 +136,23 @@ class SubscriptionStore:
         statement = sa.text(_FEED.format(types=type_filter))
         with self._errors("read events"):
             if conn is not None:
-                return [tuple(r) for r in conn.execute(statement, params)]
+                return self._fetch(conn, statement, params)
             with self.engine.connect() as own:
-                return [tuple(r) for r in own.execute(statement, params)]
+                return self._fetch(own, statement, params)
+
+    @staticmethod
+    def _fetch(conn: Connection, statement: sa.TextClause, params: dict[str, Any]) -> list[Any]:
+        # the DBAPI cursor's fetchall gives plain tuples; SQLAlchemy's Row objects cost about a
+        # microsecond more per event, a third of what a catalog rebuild may spend on one
+        compiled = statement.compile(dialect=conn.dialect)
+        positional = compiled.positiontup or []
+        args = tuple(params[name] for name in positional) if positional else params
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(str(compiled), args)
+            return list(cursor.fetchall())
+        finally:
+            cursor.close()
 
     def head_in(self, conn: Connection) -> int:
         """The newest position as the transaction of `conn` sees it."""

@@ -24,11 +24,16 @@ CATALOG_VERSION = 1
 #: event types whose data the fold reads (the rest are folded from their header alone)
 NEEDS_DATA = frozenset({ev.SESSION_STARTED, ev.CHECKPOINT_TAKEN, ev.SESSION_ENDED})
 
-_STATUS_AFTER = {
+#: event type -> the status it leads to (the types whose outcome needs no data)
+STATUS_AFTER = {
     ev.SESSION_SUSPENDED: SessionStatus.SUSPENDED.value,
     ev.SESSION_RESUMED: SessionStatus.ACTIVE.value,
     ev.SESSION_ARCHIVED: SessionStatus.ARCHIVED.value,
 }
+
+
+#: event types that change a catalog row beyond its version, time and count
+SPECIAL_TYPES = tuple(sorted(NEEDS_DATA | set(STATUS_AFTER)))
 
 
 @dataclass(slots=True)
@@ -75,7 +80,7 @@ def fold(
         assert data is not None
         entry.status = OUTCOMES[data["outcome"]].value
     else:
-        status = _STATUS_AFTER.get(event_type)
+        status = STATUS_AFTER.get(event_type)
         if status is not None:
             entry.status = status
     entry.version = version

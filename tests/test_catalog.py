@@ -173,8 +173,7 @@ def test_interrupted_rebuild_resumes(engine_factory: EngineFactory, backend: Bac
         raise Interrupt
 
     small = engine_factory()
-    small._runner.batch_size = 3  # several batches
-    small._catalog.runner.batch_size = 3
+    small._catalog._rebuild_runner.batch_size = 3  # several batches
     with pytest.raises(Interrupt):
         small.rebuild("catalog", progress=stop_after_first_batch)
     tracked = backend.sql("SELECT position FROM sl_tracking WHERE name = 'catalog:rebuild'")
@@ -227,3 +226,25 @@ def test_updated_at_filters_accept_naive_and_aware(engine: SessionEngine) -> Non
     assert [i.id for i in engine.find(updated_before=later)] == [sid]
     assert [i.id for i in engine.find(updated_before=later.replace(tzinfo=None))] == [sid]
     assert list(engine.find(updated_after=later)) == []
+
+
+def test_catalog_equals_folding_every_event_one_by_one(engine_factory: EngineFactory) -> None:
+    """The window fold (SQL GROUP BY + the few special events) against the reference fold."""
+    from sessionledger.projections.catalog import fold, summary
+
+    engine = engine_factory()
+    ids = populate(engine)
+    for n in range(5):
+        engine.update(ids["agent"], {"n": n})
+        engine.record(ids["child"], "tool", {"n": n})
+    engine.resume(ids["paused"])
+    engine.checkpoint(ids["paused"], "later")
+    expected = {}
+    for sid in ids.values():
+        entry = None
+        for event in engine.history(sid):
+            entry = fold(entry, sid, event.version, event.type,
+                         int(event.timestamp.timestamp() * 1_000_000), event.actor, event.data)
+        assert entry is not None
+        expected[sid] = summary(entry)
+    assert {item.id: item for item in engine.find()} == expected
