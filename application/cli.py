@@ -13,78 +13,40 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
-from uuid import UUID
 
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
-from sessionledger.domain.session import Session
 from sessionledger.projections.catalog import SessionSummary
 from sessionledger.projections.snapshots import CURRENT_FORMAT
 
+from .cli_audit import (
+    add_audit_verbs,
+    add_history_options,
+    add_show_options,
+    history_filtered,
+    jsonable,
+    show_at,
+    table,
+)
 from .engine import SessionEngine
 from .retention import RetentionPolicy
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, UUID | Decimal):
-        return str(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
-
-
-def _session_dict(session: Session) -> dict[str, Any]:
-    return {
-        "id": session.id,
-        "name": session.name,
-        "status": session.status.value,
-        "version": session.version,
-        "tags": session.tags,
-        "metadata": session.metadata,
-        "parent": session.parent,
-        "created_at": session.created_at,
-        "updated_at": session.updated_at,
-        "checkpoints": session.checkpoints,
-        "state": session.state,
-    }
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _short_time(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _compact(value: Any, limit: int = 70) -> str:
-    text = json.dumps(_jsonable(value), ensure_ascii=False, sort_keys=True)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def cmd_ls(engine: SessionEngine, args: argparse.Namespace) -> None:
     page = engine.find(status=args.status, tags=args.tag, name=args.name, parent=args.parent,
                        limit=args.limit, cursor=args.cursor)
     if args.json:
-        print(json.dumps({"sessions": [_jsonable(_summary_dict(s)) for s in page],
+        print(json.dumps({"sessions": [jsonable(_summary_dict(s)) for s in page],
                           "next_cursor": page.next_cursor}, indent=2))
         return
     if not len(page):
         print(f"no sessions in {engine.url}")
         return
-    print(_table(
+    print(table(
         ["ID", "NAME", "STATUS", "VERSION", "TAGS", "UPDATED"],
         [[s.id, s.name, s.status.value, s.version, ",".join(s.tags), _short_time(s.updated_at)]
          for s in page],
@@ -206,7 +168,7 @@ def cmd_subscribers(engine: SessionEngine, args: argparse.Namespace) -> None:
         print(json.dumps([{"name": s.name, "position": s.position, "lag": s.lag}
                           for s in statuses], indent=2))
         return
-    print(_table(["NAME", "POSITION", "LAG"], [[s.name, s.position, s.lag] for s in statuses]))
+    print(table(["NAME", "POSITION", "LAG"], [[s.name, s.position, s.lag] for s in statuses]))
 
 
 def cmd_subscribers_run(engine: SessionEngine, args: argparse.Namespace) -> None:
@@ -242,37 +204,6 @@ def load_setup(target: str) -> Any:
     return setup
 
 
-def cmd_show(engine: SessionEngine, args: argparse.Namespace) -> None:
-    session = engine.get(args.session_id)
-    info = _session_dict(session)
-    if args.json:
-        print(json.dumps(_jsonable(info), indent=2))
-        return
-    for key in ("id", "name", "status", "version", "parent", "created_at", "updated_at"):
-        print(f"{key:12} {info[key] if info[key] is not None else '-'}")
-    print(f"{'tags':12} {', '.join(session.tags) or '-'}")
-    print(f"{'metadata':12} {_compact(session.metadata, 200)}")
-    checkpoints = ", ".join(f"{label}@{v}" for label, v in session.checkpoints.items())
-    print(f"{'checkpoints':12} {checkpoints or '-'}")
-    print("state:")
-    print(json.dumps(_jsonable(session.state), indent=2, ensure_ascii=False, sort_keys=True))
-
-
-def cmd_history(engine: SessionEngine, args: argparse.Namespace) -> None:
-    events = engine.history(args.session_id)
-    if args.json:
-        print(json.dumps([_jsonable({
-            "version": e.version, "type": e.type, "timestamp": e.timestamp, "actor": e.actor,
-            "correlation_id": e.correlation_id, "data": e.data,
-        }) for e in events], indent=2))
-        return
-    print(_table(
-        ["VERSION", "TIME", "TYPE", "ACTOR", "DATA"],
-        [[e.version, e.timestamp.isoformat(timespec="milliseconds"), e.type, e.actor or "-",
-          _compact(e.data)] for e in events],
-    ))
-
-
 def cmd_demo(engine: SessionEngine, args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -306,10 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(run=cmd_ls)
     show = verbs.add_parser("show", parents=[common], help="show one session")
     show.add_argument("session_id", metavar="ID")
-    show.set_defaults(run=cmd_show)
     history = verbs.add_parser("history", parents=[common], help="list a session's events")
     history.add_argument("session_id", metavar="ID")
-    history.set_defaults(run=cmd_history)
+    add_show_options(show)
+    show.set_defaults(run=show_at)
+    add_history_options(history)
+    history.set_defaults(run=history_filtered)
+    add_audit_verbs(verbs, common)
 
     snapshots = verbs.add_parser("snapshots", help="snapshot maintenance")
     snapshot_verbs = snapshots.add_subparsers(dest="snapshots_verb", required=True,

@@ -49,10 +49,11 @@ from sessionledger.infrastructure.store import (
     safe_url,
 )
 from sessionledger.infrastructure.subscriptions import SubscriptionStore, Waker
+from sessionledger.projections.audit import BlameEntry, StateDiff
 from sessionledger.projections.hooks import HookFailed, HookRegistry, LoggingHook
 from sessionledger.projections.metrics import MetricsHook
-from sessionledger.projections.replay import session_events
 
+from .audit import AuditQueries
 from .catalog import CATALOG as CATALOG_NAME
 from .catalog import REBUILD_TRACKING as REBUILD_NAME
 from .catalog import Catalog, Page, ProjectionOutdated
@@ -134,6 +135,8 @@ class SessionEngine:
         self._repository = SessionRepository(
             self._store, self._codec, strict_snapshots=self.config.strict_snapshots
         )
+        #: the audit replay queries (state_at, diff, history filters, timeline, blame)
+        self.audit = AuditQueries(self._store, self._repository, self._codec)
         self._lock = threading.RLock()
         # the working set: session id -> (session, digest of its last event), LRU order
         self._working_set: OrderedDict[str, tuple[Session, bytes]] = OrderedDict()
@@ -414,13 +417,49 @@ class SessionEngine:
                 self._working_set.pop(sid, None)
             return self._loaded(sid)[0].copy()
 
-    def history(self, session_id: str | UUID) -> list[SessionEvent]:
-        """Every event of the session, in version order."""
-        sid = parse_session_id(session_id)
-        stored = self._store.stream(sid)
-        if not stored:
-            raise self._not_found(sid)
-        return session_events(sid, self._codec.decode(sid, stored))
+    def history(
+        self,
+        session_id: str | UUID,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        types: list[str] | str | None = None,
+        actor: str | None = None,
+    ) -> list[SessionEvent]:
+        """The session's events in version order, optionally only those with since <= time <
+        until, of `types`, by `actor`. The whole stream is read and chain-checked first, so a
+        filter never serves an event that fails the check."""
+        try:
+            return self.audit.history(session_id, since, until, types, actor)
+        except SessionNotFound as missing:
+            raise self._not_found(missing.session_id) from None
+
+    def state_at(
+        self, session_id: str | UUID, version: int | None = None, at: datetime | str | None = None
+    ) -> Session:
+        """The session as it was at `version`, or at time `at` (its last version then): the
+        nearest snapshot at or below plus the events after it, exactly what replaying events
+        1..N gives. Give one of the two (a naive datetime means UTC)."""
+        return self.audit.state_at(session_id, version, at)
+
+    def diff(self, session_id: str | UUID, a: int, b: int) -> StateDiff:
+        """State keys added, changed and removed from version `a` to `b`, each with the events
+        (version, time, actor, type) that touched it between them."""
+        return self.audit.diff(session_id, a, b)
+
+    def blame(self, session_id: str | UUID, key: str) -> list[BlameEntry]:
+        """Every change to one state key: version, time, actor, value (or its deletion)."""
+        return self.audit.blame(session_id, key)
+
+    def timeline(
+        self,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        types: list[str] | str | None = None,
+    ) -> Iterator[SessionEvent]:
+        """Events of every session in global commit order, streamed (constant memory); each
+        carries its position. Payloads are decoded but chains are not checked here: verify()
+        does that."""
+        return self.audit.timeline(since, until, types)
 
     def list_sessions(self, limit: int = 100) -> list[Session]:
         """The most recently created sessions, newest first, at their latest version."""

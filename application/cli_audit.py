@@ -1,0 +1,345 @@
+"""The replay-query verbs of the `sessionledger` command.
+
+    sessionledger show ID --at VERSION|TIME
+    sessionledger diff ID A B
+    sessionledger history ID [--type T ...] [--since TIME] [--until TIME] [--actor NAME]
+    sessionledger timeline [--since TIME] [--until TIME] [--type T ...] [--limit N]
+    sessionledger blame ID KEY
+
+Readable tables by default, `--json` for machines. A TIME is ISO 8601: 2026-11-25T10:00:00Z,
+2026-11-25T11:00:00+01:00, or a date alone (midnight UTC); a time without an offset is UTC.
+Windows are half-open: since <= time < until. Bad input raises a SessionLedgerError, which
+cli.main() prints as one line before exiting 1.
+
+Wiring (cli.build_parser): ``add_audit_verbs(verbs, common)``; on the `show` parser
+``add_show_options(show)`` and ``set_defaults(run=show_at)``; on the `history` parser
+``add_history_options(history)`` and ``set_defaults(run=history_filtered)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from sessionledger.domain.errors import InvalidArgument
+from sessionledger.domain.events import SessionEvent
+from sessionledger.domain.session import Session
+from sessionledger.projections.audit import Change, StateDiff
+
+from .audit import AuditQueries, parse_time
+
+if TYPE_CHECKING:  # the engine imports the CLI's modules, never the other way round at run time
+    from .engine import SessionEngine
+
+TIME_HELP = ("ISO 8601 (2026-11-25T10:00:00Z, 2026-11-25T11:00:00+01:00 or 2026-11-25; "
+             "UTC if no offset)")
+
+
+def audit_of(engine: SessionEngine) -> AuditQueries:
+    """The engine's replay queries (until SessionEngine exposes them as `engine.audit`, built
+    from its store, repository and codec)."""
+    queries = getattr(engine, "audit", None)
+    if isinstance(queries, AuditQueries):
+        return queries
+    return AuditQueries(engine._store, engine._repository, engine._codec)
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+
+def parse_version(text: str, what: str = "version") -> int:
+    """A version number from the command line (InvalidArgument otherwise)."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise InvalidArgument(f"{what} must be a version number, got {text!r}") from None
+    if value < 0:
+        raise InvalidArgument(f"{what} must be a version number, got {text!r}")
+    return value
+
+
+def parse_version_or_time(text: str) -> int | datetime:
+    """`--at`: digits are a version, anything else an ISO 8601 time."""
+    stripped = text.strip()
+    if stripped.isdigit():
+        return int(stripped)
+    return parse_time(stripped, "--at")
+
+
+def _types(values: Sequence[str] | None) -> list[str] | None:
+    """Repeated --type options, each possibly a comma-separated list."""
+    if not values:
+        return None
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
+def _limit(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise InvalidArgument(f"--limit must be a number >= 0, got {text!r}")
+    return value
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with datetimes, UUIDs, Decimals and bytes as JSON-friendly strings."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID | Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def _dumps(value: Any, indent: int | None = 2) -> str:
+    return json.dumps(jsonable(value), indent=indent, ensure_ascii=False)
+
+
+def compact(value: Any, limit: int = 70) -> str:
+    text = json.dumps(jsonable(value), ensure_ascii=False, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _time(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds")
+
+
+def _event_dict(event: SessionEvent) -> dict[str, Any]:
+    return {"version": event.version, "type": event.type, "timestamp": event.timestamp,
+            "actor": event.actor, "correlation_id": event.correlation_id, "data": event.data}
+
+
+def _session_dict(session: Session) -> dict[str, Any]:
+    return {
+        "id": session.id, "name": session.name, "status": session.status.value,
+        "version": session.version, "tags": session.tags, "metadata": session.metadata,
+        "parent": session.parent, "created_at": session.created_at,
+        "updated_at": session.updated_at, "checkpoints": session.checkpoints,
+        "state": session.state,
+    }
+
+
+def print_session(session: Session, as_json: bool) -> None:
+    """A session as `show` prints it."""
+    info = _session_dict(session)
+    if as_json:
+        print(_dumps(info))
+        return
+    for key in ("id", "name", "status", "version", "parent", "created_at", "updated_at"):
+        print(f"{key:12} {info[key] if info[key] is not None else '-'}")
+    print(f"{'tags':12} {', '.join(session.tags) or '-'}")
+    print(f"{'metadata':12} {compact(session.metadata, 200)}")
+    checkpoints = ", ".join(f"{label}@{v}" for label, v in session.checkpoints.items())
+    print(f"{'checkpoints':12} {checkpoints or '-'}")
+    print("state:")
+    print(json.dumps(jsonable(session.state), indent=2, ensure_ascii=False, sort_keys=True))
+
+
+def print_events(events: Sequence[SessionEvent], as_json: bool) -> None:
+    """A session's events as `history` prints them."""
+    if as_json:
+        print(_dumps([_event_dict(e) for e in events]))
+        return
+    print(table(
+        ["VERSION", "TIME", "TYPE", "ACTOR", "DATA"],
+        [[e.version, _time(e.timestamp), e.type, e.actor or "-", compact(e.data)]
+         for e in events],
+    ))
+
+
+def diff_dict(diff: StateDiff) -> dict[str, Any]:
+    """A StateDiff as plain JSON-ready data."""
+
+    def changes(group: dict[str, Change]) -> dict[str, Any]:
+        return {key: {"old": c.old, "new": c.new, "changes": [
+            {"version": t.version, "timestamp": t.timestamp, "actor": t.actor, "type": t.type}
+            for t in c.changes]} for key, c in group.items()}
+
+    return {"session_id": diff.session_id, "from_version": diff.from_version,
+            "to_version": diff.to_version, "added": changes(diff.added),
+            "changed": changes(diff.changed), "removed": changes(diff.removed)}
+
+
+# -- verbs ---------------------------------------------------------------------------------
+
+
+def show_at(engine: SessionEngine, args: argparse.Namespace) -> None:
+    """`show ID [--at VERSION|TIME]`: the session now, or as it was at a version or time."""
+    at = getattr(args, "at", None)
+    if at is None:
+        session = engine.get(args.session_id)
+    else:
+        target = parse_version_or_time(at)
+        queries = audit_of(engine)
+        session = (queries.state_at(args.session_id, version=target) if isinstance(target, int)
+                   else queries.state_at(args.session_id, at=target))
+    print_session(session, args.json)
+
+
+def history_filtered(engine: SessionEngine, args: argparse.Namespace) -> None:
+    """`history ID [--type T ...] [--since TIME] [--until TIME] [--actor NAME]`."""
+    events = audit_of(engine).history(
+        args.session_id, since=getattr(args, "since", None), until=getattr(args, "until", None),
+        types=_types(getattr(args, "types", None)), actor=getattr(args, "actor", None),
+    )
+    print_events(events, args.json)
+
+
+def cmd_diff(engine: SessionEngine, args: argparse.Namespace) -> None:
+    """`diff ID A B`: state keys added, changed and removed from version A to version B."""
+    diff = audit_of(engine).diff(args.session_id, parse_version(args.a, "A"),
+                                 parse_version(args.b, "B"))
+    if args.json:
+        print(_dumps(diff_dict(diff)))
+        return
+    print(f"session {diff.session_id}: version {diff.from_version} -> {diff.to_version}")
+    if diff.empty:
+        print("no differences")
+        return
+    rows: list[list[object]] = []
+    for kind, group in (("added", diff.added), ("changed", diff.changed),
+                        ("removed", diff.removed)):
+        for key, change in group.items():
+            by = ", ".join(f"v{t.version} {t.type} by {t.actor or '-'}" for t in change.changes)
+            rows.append([kind, key, "-" if kind == "added" else compact(change.old, 40),
+                         "-" if kind == "removed" else compact(change.new, 40), by])
+    print(table(["CHANGE", "KEY", "OLD", "NEW", "EVENTS"], rows))
+
+
+def cmd_blame(engine: SessionEngine, args: argparse.Namespace) -> None:
+    """`blame ID KEY`: every change to one state key."""
+    entries = audit_of(engine).blame(args.session_id, args.key)
+    if args.json:
+        print(_dumps([{
+            "version": b.version, "timestamp": b.timestamp, "actor": b.actor,
+            "correlation_id": b.correlation_id, "type": b.type, "value": b.value,
+            "deleted": b.deleted,
+        } for b in entries]))
+        return
+    if not entries:
+        print(f"state key {args.key!r} was never set in session {args.session_id}")
+        return
+    print(table(
+        ["VERSION", "TIME", "TYPE", "ACTOR", "VALUE"],
+        [[b.version, _time(b.timestamp), b.type, b.actor or "-",
+          "(deleted)" if b.deleted else compact(b.value)] for b in entries],
+    ))
+
+
+#: timeline columns: streamed rows cannot be measured first, so the widths are fixed
+_TIMELINE_COLUMNS = (("POSITION", 9), ("TIME", 29), ("SESSION", 36), ("NAME", 20),
+                     ("VERSION", 7), ("TYPE", 16), ("ACTOR", 12))
+
+
+def _cell(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def cmd_timeline(engine: SessionEngine, args: argparse.Namespace) -> None:
+    """`timeline [--since] [--until] [--type ...] [--limit]`: every session's events in commit
+    order, printed as they stream in (constant memory on any number of events)."""
+    events = audit_of(engine).timeline(since=args.since, until=args.until,
+                                       types=_types(args.types))
+    limit = _limit(args.limit)
+    shown = events if limit is None else itertools.islice(events, limit)
+    try:
+        if args.json:
+            # a JSON array, one event per line, written as the events arrive
+            print("[")
+            separator = ""
+            for e in shown:
+                print(separator + _dumps({"position": e.position, "session_id": e.session_id,
+                                          "session_name": e.session_name, **_event_dict(e)},
+                                         indent=None), end="")
+                separator = ",\n"
+            print("\n]" if separator else "]")
+            return
+        widths = [w for _, w in _TIMELINE_COLUMNS]
+        header = [name for name, _ in _TIMELINE_COLUMNS] + ["DATA"]
+        print("  ".join(h.ljust(w) for h, w in zip(header, [*widths, 0], strict=True)).rstrip())
+        for e in shown:
+            cells = [str(e.position), _time(e.timestamp), e.session_id, e.session_name or "-",
+                     str(e.version), e.type, e.actor or "-"]
+            print("  ".join(_cell(c, w).ljust(w) for c, w in zip(cells, widths, strict=True))
+                  + "  " + compact(e.data))
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # release the scan's connection now, not when the generator is collected
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def add_show_options(parser: argparse.ArgumentParser) -> None:
+    """`--at VERSION|TIME` on the `show` verb (run function: show_at)."""
+    parser.add_argument("--at", metavar="VERSION|TIME", default=None,
+                        help="show the session as it was at this version or time: " + TIME_HELP)
+
+
+def add_history_options(parser: argparse.ArgumentParser) -> None:
+    """`--type`, `--since`, `--until`, `--actor` on the `history` verb (run function:
+    history_filtered)."""
+    _add_window(parser)
+    parser.add_argument("--actor", default=None, help="only events by this actor")
+
+
+def _add_window(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--type", dest="types", action="append", metavar="TYPE",
+                        help="only events of this type (repeatable, or comma-separated)")
+    parser.add_argument("--since", metavar="TIME", default=None,
+                        help="only events at or after TIME: " + TIME_HELP)
+    parser.add_argument("--until", metavar="TIME", default=None,
+                        help="only events before TIME")
+
+
+def add_audit_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser],
+                    common: argparse.ArgumentParser) -> None:
+    """Add `diff`, `timeline` and `blame` to the `sessionledger` command's verbs; `common` is
+    the parent parser carrying --url and --json."""
+    diff = verbs.add_parser("diff", parents=[common],
+                            help="state keys added, changed and removed between two versions")
+    diff.add_argument("session_id", metavar="ID")
+    diff.add_argument("a", metavar="A", help="from version (0: before the session started)")
+    diff.add_argument("b", metavar="B", help="to version (below A: reads back in time)")
+    diff.set_defaults(run=cmd_diff)
+
+    timeline = verbs.add_parser("timeline", parents=[common],
+                                help="every session's events in commit order, streamed")
+    _add_window(timeline)
+    timeline.add_argument("--limit", metavar="N", default=None,
+                          help="stop after N events")
+    timeline.set_defaults(run=cmd_timeline)
+
+    blame = verbs.add_parser("blame", parents=[common],
+                             help="every change to one state key: version, time, actor, value")
+    blame.add_argument("session_id", metavar="ID")
+    blame.add_argument("key", metavar="KEY")
+    blame.set_defaults(run=cmd_blame)
