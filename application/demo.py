@@ -14,6 +14,10 @@ def run_demo(engine: SessionEngine) -> None:
     """Run the scenario on `engine` and print what happened."""
     say = print
     say(f"sessionledger demo on {engine.url}\n")
+    # an in-process hook: every committed lifecycle event, after its commit
+    seen: list[str] = []
+    engine.hooks.subscribe(lambda event: seen.append(event.type),
+                           events=["SessionStarted", "SessionEnded", "SessionArchived"])
     started = time.perf_counter()
     commands = 0
 
@@ -75,4 +79,26 @@ def run_demo(engine: SessionEngine) -> None:
     say(f"\nhistory of {agent}:")
     for event in engine.history(agent):
         say(f"  v{event.version:<3} {event.type:17} {event.actor or '-':6} {event.data}")
-    say("\nread it again: sessionledger history ID, sessionledger show ID, sessionledger ls")
+
+    # audit: any past state, what changed, who did it
+    before = engine.state_at(agent, version=4)
+    say(f"\naudit: state at version 4 was {before.state}")
+    changes = engine.diff(agent, 4, engine.get(agent).version)
+    for key, change in {**changes.added, **changes.changed}.items():
+        who = ", ".join(f"v{t.version} {t.actor}" for t in change.changes)
+        say(f"  {key}: {change.old!r} -> {change.new!r} ({who})")
+    for entry in engine.blame(agent, "step"):
+        say(f"  blame step: v{entry.version} by {entry.actor}: {entry.value!r}")
+
+    # the catalog read model, a batch save, integrity
+    ended = engine.find(status=["completed", "failed", "cancelled", "archived"], limit=1000)
+    say(f"\ncatalog: {len(ended)} ended sessions in this database; "
+        f"agent runs: {len(engine.find(tags=['agent'], limit=1000))}")
+    report = engine.verify()
+    say(f"verify: {report.sessions} sessions, {report.events} events, {report.snapshots} "
+        f"snapshots checked: {'ok' if report.ok else report.problems}")
+    say(f"hooks saw {len(seen)} lifecycle events; metrics: "
+        f"{engine.metrics()['events_total']}")
+    say("\nread it again: sessionledger ls, sessionledger show ID [--at N], sessionledger "
+        "history ID, sessionledger diff ID A B, sessionledger blame ID KEY, sessionledger "
+        "verify")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from sessionledger.domain.errors import CorruptedData, SessionLedgerError
 from sessionledger.domain.session import Session
-from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec, chain_digest
+from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec, chain_link
 from sessionledger.infrastructure.store import EventStore
 from sessionledger.projections.replay import replay
 from sessionledger.projections.snapshots import CURRENT_FORMAT, session_from_snapshot
@@ -72,7 +72,7 @@ class Verifier:
         where, params = (" WHERE session_id = ?", (session_id,)) if session_id else ("", ())
         snapshots = self._snapshot_versions(where, params)
         broken: dict[str, int] = {}
-        key = self.codec.chain_key
+        link = chain_link(self.codec.chain_key)
         current = None
         head = GENESIS_DIGEST
         expected = 1
@@ -91,9 +91,8 @@ class Verifier:
                 report.problems.append(Problem(sid, expected, what))
                 broken[sid] = expected
                 continue
-            head = chain_digest(head, sid, version, event_type, micros, actor, correlation,
-                                bytes(payload), key)
-            if head != bytes(digest):
+            head = link(head, sid, version, event_type, micros, actor, correlation, payload)
+            if head != digest:
                 report.problems.append(Problem(
                     sid, version, "the event does not match its chain digest: it was changed, "
                     "or an event before it was changed, inserted, moved or deleted"))

@@ -10,6 +10,8 @@ Nothing is pickled; datetime, UUID and Decimal travel as msgpack ext types and r
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -124,6 +126,26 @@ class PayloadCodec:
             raise CorruptedData(session_id, version, f"payload does not decode ({error})") from None
 
 
+#: computes one link of a session's chain: (previous digest, session_id, version, type, ts,
+#: actor, correlation_id, payload) -> digest
+ChainLink = Callable[[bytes, str, int, str, int, "str | None", "str | None", bytes], bytes]
+
+
+def chain_link(key: bytes | None = None) -> ChainLink:
+    """chain_digest specialised for one key, for loops over many events (verify, loads): the
+    same digests, without per-call argument handling (about a fifth of a link's cost)."""
+    pack = _header_packer.pack
+    new = blake3.blake3 if key is None else functools.partial(blake3.blake3, key=key)
+
+    def link(previous: bytes, session_id: str, version: int, event_type: str, micros: int,
+             actor: str | None, correlation_id: str | None, payload: bytes) -> bytes:
+        header = pack((session_id, version, event_type, micros, actor, correlation_id))
+        digest: bytes = new(previous + header + payload).digest()
+        return digest
+
+    return link
+
+
 def chain_digest(
     previous: bytes,
     session_id: str,
@@ -160,6 +182,7 @@ class EventCodec:
         self.payloads = PayloadCodec(compress_threshold)
         self.max_event_bytes = max_event_bytes
         self.chain_key = chain_key
+        self._link = chain_link(chain_key)
 
     def encode(
         self,
@@ -197,13 +220,13 @@ class EventCodec:
         """
         decoded: list[DecodedEvent] = []
         expected = after + 1
-        key = self.chain_key
+        link = self._link
         decode = self.payloads.decode
         for version, event_type, micros, actor, correlation_id, payload, digest in stored:
             if version != expected:
                 raise CorruptedData(session_id, expected, f"event version {expected} is missing")
-            head = chain_digest(head, session_id, version, event_type, micros, actor,
-                                correlation_id, payload, key)
+            head = link(head, session_id, version, event_type, micros, actor, correlation_id,
+                        payload)
             if head != digest:
                 raise CorruptedData(
                     session_id, version,
