@@ -25,6 +25,7 @@ from sessionledger.domain.events import (
     EVENT_TYPES,
     SESSION_STARTED,
     SessionEvent,
+    event_time,
     to_datetime,
     to_micros,
 )
@@ -32,7 +33,7 @@ from sessionledger.domain.session import Session
 from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec
 from sessionledger.infrastructure.store import EventStore
 from sessionledger.projections.audit import BlameEntry, StateDiff, blame_key, diff_states
-from sessionledger.projections.replay import current_data, session_events
+from sessionledger.projections.replay import current_data, replay, session_events
 
 from .repository import SessionRepository
 
@@ -235,6 +236,8 @@ class AuditQueries:
         if not stored:
             raise SessionNotFound(sid)
         decoded = self._codec.decode(sid, stored)
+        # the same shape checks a load makes: history never serves what get() would refuse
+        replay(Session(sid), decoded)
         kept = [
             event for event in decoded
             if (low is None or event[2] >= low)
@@ -312,7 +315,8 @@ class AuditQueries:
                 name = names[sid] = self._session_name(sid)
             if len(names) > _NAME_CACHE_SIZE:
                 names.popitem(last=False)
-            yield SessionEvent(sid, version, event_type, to_datetime(micros), actor, correlation,
+            yield SessionEvent(sid, version, event_type, event_time(sid, version, micros), actor,
+                               correlation,
                                data, position=position, session_name=name)
 
     # -- internals ---------------------------------------------------------------------------

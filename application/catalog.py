@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Connection
 
 from sessionledger.domain.errors import CorruptedData, InvalidArgument, SessionLedgerError
-from sessionledger.domain.events import SESSION_STARTED, to_micros
+from sessionledger.domain.events import MAX_MICROS, SESSION_STARTED, to_micros
 from sessionledger.infrastructure.catalog_store import NEXT, CatalogRow, CatalogStore
 from sessionledger.infrastructure.codec import PayloadCodec
 from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore
@@ -104,6 +104,8 @@ class CatalogConsumer:
                 new_tags.extend((tag, sid) for tag in entry.tags)
         handled = 0
         for sid, version, micros, count in totals:
+            if not 0 <= micros <= MAX_MICROS:
+                raise CorruptedData(sid, None, f"timestamp {micros} is out of range")
             entry = entries.get(sid)
             if entry is None:
                 # events of a session whose start is in no window: its log begins mid-stream

@@ -128,6 +128,10 @@ class SessionEngine:
     """
 
     def __init__(self, url: str | None = None, config: SessionConfig | None = None) -> None:
+        if config is not None and not isinstance(config, SessionConfig):
+            raise InvalidArgument(
+                f"config must be a SessionConfig, got {type(config).__name__}"
+            )
         self.config = config if config is not None else SessionConfig()
         self._store = EventStore(url, self.config.durability)
         self._codec = EventCodec(self.config.compress_threshold, self.config.max_event_bytes,
@@ -463,7 +467,9 @@ class SessionEngine:
 
     def list_sessions(self, limit: int = 100) -> list[Session]:
         """The most recently created sessions, newest first, at their latest version."""
-        ids = [row[0] for row in self._store.started_sessions()[: max(0, limit)]]
+        if type(limit) is not int or limit < 0:
+            raise InvalidArgument(f"limit must be an int >= 0, got {limit!r}")
+        ids = [row[0] for row in self._store.started_sessions()[:limit]]
         return [self.get(sid) for sid in ids]
 
     # -- snapshots ---------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class SessionRepository:
     ) -> None:
         self.store = store
         self.codec = codec
-        self.snapshots = SnapshotCodec()
+        self.snapshots = SnapshotCodec(codec.chain_key)
         self.strict_snapshots = strict_snapshots
         #: snapshots skipped because they could not be used, by reason ("newer_format", ...)
         self.skipped: Counter[str] = Counter()

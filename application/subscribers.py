@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from sqlalchemy.engine import Connection
 
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
-from sessionledger.domain.events import EVENT_TYPES, SessionEvent, to_datetime
+from sessionledger.domain.events import EVENT_TYPES, SessionEvent, event_time
 from sessionledger.domain.values import checked_text
 from sessionledger.infrastructure.codec import PayloadCodec
 from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore, Waker
@@ -64,7 +64,8 @@ def decode_feed_row(payloads: PayloadCodec, row: FeedRow) -> SessionEvent:
     """A feed row as the SessionEvent subscribers receive (data in the current schema)."""
     position, sid, version, event_type, micros, actor, correlation, payload = row
     schema, data = payloads.decode(bytes(payload), sid, version)
-    return SessionEvent(sid, version, event_type, to_datetime(micros), actor, correlation,
+    return SessionEvent(sid, version, event_type, event_time(sid, version, micros), actor,
+                        correlation,
                         current_data(sid, version, event_type, schema, data), position)
 
 

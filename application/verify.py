@@ -1,10 +1,11 @@
-"""verify(): check every session's hash chain and every snapshot against the events.
+"""verify(): check every session's hash chain, its events and every snapshot against them.
 
-A session's events are checked in version order: each must be the next version and match its
-chain digest (blake3 over the previous digest and everything stored for the event; keyed with
-SessionConfig.integrity_key). The first broken link of each session is reported: a changed
-byte, a deleted, inserted or reordered event all break the chain there. Each snapshot must
-decode, match its own digest and equal the session replayed from its events up to its version.
+A session's events are checked in version order, in one pass over the log: each must be the next
+version, match its chain digest (blake3 over the previous digest and everything stored for the
+event; keyed with SessionConfig.integrity_key), decode, and apply to the session (the shape checks
+of a load). The first broken link of each session is reported: a changed byte, a deleted,
+inserted or reordered event all break the chain there. Each snapshot must decode, match its own
+digest, sit on the chain and equal the session replayed to its version.
 
 What a chain cannot show: events deleted from the end of a stream (the remaining prefix is a
 valid chain). Snapshots and the catalog remember later versions, so such a truncation shows up
@@ -17,10 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from sessionledger.domain.errors import CorruptedData, SessionLedgerError
+from sessionledger.domain.events import MAX_MICROS
 from sessionledger.domain.session import Session
 from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec, chain_link
 from sessionledger.infrastructure.store import EventStore
-from sessionledger.projections.replay import replay
+from sessionledger.projections.replay import current_data
 from sessionledger.projections.snapshots import CURRENT_FORMAT, session_from_snapshot
 
 from .repository import SessionRepository
@@ -53,8 +55,21 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        """True when every chain and every snapshot checked out."""
+        """True when every chain, event and snapshot checked out."""
         return not self.problems
+
+
+class _SessionCheck:
+    """The running check of one session: its chain head, its replayed state, its snapshots."""
+
+    __slots__ = ("broken", "expected", "head", "session", "snapshots")
+
+    def __init__(self, sid: str, snapshots: list[int]) -> None:
+        self.session = Session(sid)
+        self.head = GENESIS_DIGEST
+        self.expected = 1
+        self.broken = False
+        self.snapshots = snapshots
 
 
 class Verifier:
@@ -71,35 +86,61 @@ class Verifier:
         report = VerifyReport()
         where, params = (" WHERE session_id = ?", (session_id,)) if session_id else ("", ())
         snapshots = self._snapshot_versions(where, params)
-        broken: dict[str, int] = {}
         link = chain_link(self.codec.chain_key)
-        current = None
-        head = GENESIS_DIGEST
-        expected = 1
+        decode = self.codec.payloads.decode
+        problems = report.problems
+        check: _SessionCheck | None = None
         for sid, version, event_type, micros, actor, correlation, payload, digest in (
             self.store.scan(_EVENTS.format(where=where), params)
         ):
-            if sid != current:
-                current, head, expected = sid, GENESIS_DIGEST, 1
+            if check is None or sid != check.session.id:
+                if check is not None:
+                    problems.extend(self._leftover_snapshots(check))
+                check = _SessionCheck(sid, snapshots.pop(sid, []))
                 report.sessions += 1
             report.events += 1
-            if sid in broken:
+            if check.broken:
                 continue
-            if version != expected:
-                what = (f"event version {expected} is missing" if version > expected
+            if version != check.expected:
+                what = (f"event version {check.expected} is missing" if version > check.expected
                         else f"event version {version} appears twice")
-                report.problems.append(Problem(sid, expected, what))
-                broken[sid] = expected
+                problems.append(Problem(sid, check.expected, what))
+                check.broken = True
                 continue
-            head = link(head, sid, version, event_type, micros, actor, correlation, payload)
-            if head != digest:
-                report.problems.append(Problem(
+            check.head = link(check.head, sid, version, event_type, micros, actor, correlation,
+                              payload)
+            if check.head != digest:
+                problems.append(Problem(
                     sid, version, "the event does not match its chain digest: it was changed, "
                     "or an event before it was changed, inserted, moved or deleted"))
-                broken[sid] = version
+                check.broken = True
                 continue
-            expected += 1
-        self._check_snapshots(snapshots, broken, report)
+            try:
+                if not 0 <= micros <= MAX_MICROS:
+                    raise CorruptedData(sid, version, f"timestamp {micros} is out of range")
+                schema, data = decode(payload, sid, version)
+                data = current_data(sid, version, event_type, schema, data)
+                check.session.apply(event_type, data, version, micros)
+            except CorruptedData as error:
+                problems.append(Problem(sid, version, str(error).split(": ", 1)[-1]))
+                check.broken = True
+                continue
+            except (KeyError, TypeError, AttributeError, ValueError) as error:
+                problems.append(Problem(sid, version, f"{event_type} data has the wrong shape "
+                                                      f"({error!r})"))
+                check.broken = True
+                continue
+            check.expected += 1
+            if check.snapshots and check.snapshots[0] == version:
+                check.snapshots.pop(0)
+                report.snapshots += 1
+                problems.extend(self._snapshot_problems(check, version, digest))
+        if check is not None:
+            problems.extend(self._leftover_snapshots(check))
+        for sid, versions in snapshots.items():  # snapshots of sessions with no events at all
+            report.snapshots += len(versions)
+            problems.extend(Problem(sid, v, "snapshot of a session with no events")
+                            for v in versions)
         return report
 
     def _snapshot_versions(self, where: str, params: tuple[str, ...]) -> dict[str, list[int]]:
@@ -111,50 +152,36 @@ class Verifier:
             versions.setdefault(sid, []).append(int(version))
         return versions
 
-    def _check_snapshots(self, snapshots: dict[str, list[int]], broken: dict[str, int],
-                         report: VerifyReport) -> None:
-        for sid, versions in snapshots.items():
-            for problem in self._snapshot_problems(sid, versions, broken.get(sid)):
-                report.problems.append(problem)
-            report.snapshots += len(versions)
-
-    def _snapshot_problems(
-        self, sid: str, versions: list[int], broken_at: int | None
-    ) -> Iterator[Problem]:
-        stored = self.store.stream(sid)
-        if broken_at is not None:
-            stored = stored[: broken_at - 1]
-        try:
-            decoded = self.codec.decode(sid, stored)
-        except CorruptedData:  # pragma: no cover - the chain walk reported it already
+    def _leftover_snapshots(self, check: _SessionCheck) -> Iterator[Problem]:
+        """Snapshots the walk never reached: beyond the last event, or after a broken link."""
+        if check.broken:
             return
-        session = Session(sid)
-        done = 0
-        for version in versions:
-            found = self.store.query(
-                "SELECT format_version, flags, digest, data FROM sl_snapshots "
-                "WHERE session_id = ? AND version = ?", (sid, version))
-            if not found:
-                continue  # dropped meanwhile: snapshots are a cache
-            format_version, flags, digest, data = found[0]
-            fmt = 0 if format_version is None else int(format_version)
-            if fmt > CURRENT_FORMAT:
-                yield Problem(sid, version, f"snapshot format {fmt} is newer than this release "
-                                            f"reads (up to {CURRENT_FORMAT})")
-                continue
-            if version > len(decoded):
-                yield Problem(sid, version, "snapshot of a version whose events are missing")
-                continue
-            try:
-                fields = self.repository.snapshots.decode(int(flags), bytes(digest), bytes(data),
-                                                          sid, version)
-                snap, head = session_from_snapshot(fields, fmt, sid, version)
-            except SessionLedgerError as error:
-                yield Problem(sid, version, f"snapshot unreadable: {error}")
-                continue
-            replay(session, decoded[done:version])
-            done = version
-            if head is not None and head != stored[version - 1][6]:
-                yield Problem(sid, version, "snapshot is not on the chain of the events")
-            elif snap != session:
-                yield Problem(sid, version, "snapshot does not match the events")
+        for version in check.snapshots:
+            yield Problem(check.session.id, version,
+                          "snapshot of a version whose events are missing")
+
+    def _snapshot_problems(self, check: _SessionCheck, version: int,
+                           event_digest: bytes) -> Iterator[Problem]:
+        sid = check.session.id
+        found = self.store.query(
+            "SELECT format_version, flags, digest, data FROM sl_snapshots "
+            "WHERE session_id = ? AND version = ?", (sid, version))
+        if not found:
+            return  # dropped meanwhile: snapshots are a cache
+        format_version, flags, digest, data = found[0]
+        fmt = 0 if format_version is None else int(format_version)
+        if fmt > CURRENT_FORMAT:
+            yield Problem(sid, version, f"snapshot format {fmt} is newer than this release "
+                                        f"reads (up to {CURRENT_FORMAT})")
+            return
+        try:
+            fields = self.repository.snapshots.decode(int(flags), bytes(digest), bytes(data),
+                                                      sid, version)
+            snapshot, head = session_from_snapshot(fields, fmt, sid, version)
+        except SessionLedgerError as error:
+            yield Problem(sid, version, f"snapshot unreadable: {error}")
+            return
+        if head is not None and head != event_digest:
+            yield Problem(sid, version, "snapshot is not on the chain of the events")
+        elif snapshot != check.session:
+            yield Problem(sid, version, "snapshot does not match the events")

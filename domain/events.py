@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from .errors import CorruptedData
+
 SESSION_STARTED = "SessionStarted"
 STATE_CHANGED = "StateChanged"
 EVENT_RECORDED = "EventRecorded"
@@ -78,11 +80,20 @@ def upcast(event_type: str, schema: int, data: dict[str, Any]) -> dict[str, Any]
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+#: the latest stored timestamp a datetime can hold (9999-12-31T23:59:59.999999Z)
+MAX_MICROS = (datetime.max.replace(tzinfo=timezone.utc) - EPOCH) // timedelta(microseconds=1)
 
 
 def to_datetime(micros: int) -> datetime:
     """Microseconds since the epoch (how timestamps are stored) as an aware UTC datetime."""
     return EPOCH + timedelta(microseconds=micros)
+
+
+def event_time(session_id: str, version: int | None, micros: int) -> datetime:
+    """A stored timestamp as a datetime; CorruptedData when no datetime can hold it."""
+    if type(micros) is not int or not 0 <= micros <= MAX_MICROS:
+        raise CorruptedData(session_id, version, f"timestamp {micros!r} is out of range")
+    return to_datetime(micros)
 
 
 def to_micros(moment: datetime) -> int:

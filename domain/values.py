@@ -54,6 +54,8 @@ def _checked(value: Any, path: str, depth: int) -> Any:
                 raise UnsupportedValue(
                     f"{path}[{key!r}]", f"dict key of type {type(key).__name__}, keys must be str"
                 )
+            if not key.isascii():
+                _check_encodable(key, f"{path}[{key!r}]")
             out[key] = _checked(item, f"{path}.{key}", depth + 1)
         return out
     if kind is list or kind is tuple:

@@ -28,7 +28,7 @@ from sessionledger.domain.errors import (
     SnapshotCorrupted,
     UnsupportedValue,
 )
-from sessionledger.domain.events import DecodedEvent
+from sessionledger.domain.events import MAX_MICROS, DecodedEvent
 
 EXT_DATETIME = 1
 EXT_UUID = 2
@@ -225,6 +225,8 @@ class EventCodec:
         for version, event_type, micros, actor, correlation_id, payload, digest in stored:
             if version != expected:
                 raise CorruptedData(session_id, expected, f"event version {expected} is missing")
+            if not 0 <= micros <= MAX_MICROS:
+                raise CorruptedData(session_id, version, f"timestamp {micros} is out of range")
             head = link(head, session_id, version, event_type, micros, actor, correlation_id,
                         payload)
             if head != digest:
@@ -245,16 +247,20 @@ SNAPSHOT_FORMAT = 1
 
 class SnapshotCodec:
     """Snapshot bodies: msgpack, lz4 when that makes them smaller, blake3 of the uncompressed
-    bytes. Returns and takes (flags, digest, stored bytes)."""
+    bytes (keyed with the integrity key when there is one). Returns and takes (flags, digest,
+    stored bytes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: bytes | None = None) -> None:
         self.transcoder = MsgpackTranscoder()
         self.compressor = Lz4Compressor()
+        # keyed like the event chains: without the key nobody can write a snapshot the engine
+        # accepts (a plain digest only catches accidents)
+        self._hash = blake3.blake3 if key is None else functools.partial(blake3.blake3, key=key)
 
     def encode(self, fields: dict[str, Any]) -> tuple[int, bytes, bytes]:
         """(flags, digest, stored bytes) of a snapshot body."""
         body = self.transcoder.encode(fields)
-        digest: bytes = blake3.blake3(body).digest()
+        digest: bytes = self._hash(body).digest()
         packed = self.compressor.compress(body)
         if len(packed) < len(body):
             return FLAG_LZ4, digest, packed
@@ -273,7 +279,7 @@ class SnapshotCodec:
             raise SnapshotCorrupted(
                 session_id, version, f"snapshot does not decompress ({error})"
             ) from None
-        if blake3.blake3(body).digest() != bytes(digest):
+        if self._hash(body).digest() != bytes(digest):
             raise SnapshotCorrupted(session_id, version, "snapshot does not match its digest")
         try:
             fields = self.transcoder.decode(body)

@@ -69,8 +69,12 @@ def resolve_url(url: str | URL | None) -> URL:
             parsed = make_url(url)
         except Exception as error:
             raise StorageError(f"invalid database URL {url!r}: {error}") from None
-    else:
+    elif isinstance(url, URL):
         parsed = url
+    else:
+        raise StorageError(
+            f"a database URL is a str or a sqlalchemy URL, got {type(url).__name__}"
+        )
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     backend = parsed.get_backend_name()

@@ -14,7 +14,7 @@ from sessionledger.domain.events import (
     EVENT_SCHEMAS,
     DecodedEvent,
     SessionEvent,
-    to_datetime,
+    event_time,
     upcast,
 )
 from sessionledger.domain.session import Session
@@ -67,7 +67,8 @@ def replay(session: Session, events: Iterable[DecodedEvent]) -> None:
 def session_events(session_id: str, events: Iterable[DecodedEvent]) -> list[SessionEvent]:
     """The events as history() returns them (data in the current schema)."""
     return [
-        SessionEvent(session_id, version, event_type, to_datetime(micros), actor, correlation,
-                     current_data(session_id, version, event_type, schema, data))
+        SessionEvent(session_id, version, event_type, event_time(session_id, version, micros),
+                     actor, correlation, current_data(session_id, version, event_type, schema,
+                                                      data))
         for version, event_type, micros, actor, correlation, schema, data in events
     ]

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from sessionledger.domain.errors import SnapshotCorrupted
-from sessionledger.domain.events import to_micros
+from sessionledger.domain.events import MAX_MICROS, to_micros
 from sessionledger.domain.session import Session
 from sessionledger.domain.status import OUTCOMES, SessionStatus
 
@@ -118,11 +118,13 @@ def session_from_snapshot(
     session.version = version
     try:
         head = READERS[format_version](session, fields)
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
         raise SnapshotCorrupted(
             session_id, version, f"format {format_version} snapshot has the wrong shape "
             f"({error!r})",
         ) from None
     if type(session.state) is not dict or type(session.metadata) is not dict:
         raise SnapshotCorrupted(session_id, version, "snapshot state or metadata is not a map")
+    if not (0 <= session.created_us <= session.updated_us <= MAX_MICROS):
+        raise SnapshotCorrupted(session_id, version, "snapshot times are out of range")
     return session, head

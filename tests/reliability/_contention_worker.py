@@ -60,11 +60,13 @@ def run(
     commands: int,
     retries: int,
     seed: int,
-    barrier: Any,
+    ready: Any,
+    go: Any,
     results: Any,
 ) -> None:
-    """Open an engine, wait for the others at `barrier`, apply the commands, report each one's
-    outcome on the `results` queue as (worker, outcomes, fatal error text or "")."""
+    """Open an engine and load the sessions, say so on `ready`, wait for `go`, apply the
+    commands, and report each one's outcome on `results` as (worker, outcomes, fatal error
+    text or "")."""
     outcomes: list[Outcome] = []
     fatal = ""
     try:
@@ -72,7 +74,9 @@ def run(
             for sid in session_ids:
                 engine.get(sid)  # load every session: each engine starts from its own copy
             jitter = random.Random(f"jitter-{seed}-{worker}")
-            barrier.wait(timeout=120)
+            ready.put(worker)
+            if not go.wait(timeout=120):
+                raise TimeoutError("the parent never said go")
             for seq, (marker, index, op) in enumerate(
                 plan(worker, commands, len(session_ids), seed)
             ):

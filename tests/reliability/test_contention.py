@@ -11,13 +11,15 @@ ConcurrencyConflict must have left no trace anywhere.
 Sizes: 4 processes x 100 commands by default; SESSIONLEDGER_RELIABILITY_COMMANDS=500 (and
 SESSIONLEDGER_RELIABILITY_PROCESSES) scale it up, e.g. to the issue's 4 x 500:
 
-    SESSIONLEDGER_RELIABILITY_COMMANDS=500 .venv/bin/python -m pytest -s tests/reliability/test_contention.py
+    SESSIONLEDGER_RELIABILITY_COMMANDS=500 .venv/bin/python -m pytest -s \
+        tests/reliability/test_contention.py
 
 Each run prints one summary line (see it with -s, or -rA).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import queue
@@ -49,12 +51,13 @@ def run_contention(url: str, retries: int) -> tuple[list[str], list[worker.Outco
         session_ids = [setup.create(f"contended-{i}", state=initial_state(i))
                        for i in range(SESSIONS)]
     ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(PROCESSES + 1)
+    ready = ctx.Queue()
+    go = ctx.Event()
     results = ctx.Queue()
     children = [
         ctx.Process(
             target=worker.run,
-            args=(url, w, session_ids, COMMANDS, retries, SEED, barrier, results),
+            args=(url, w, session_ids, COMMANDS, retries, SEED, ready, go, results),
             name=f"contention-{w}",
         )
         for w in range(PROCESSES)
@@ -62,7 +65,22 @@ def run_contention(url: str, retries: int) -> tuple[list[str], list[worker.Outco
     for child in children:
         child.start()
     try:
-        barrier.wait(timeout=120)  # every child has its engine open and its sessions loaded
+        # every child opens its engine and loads the sessions, then they all start at once
+        waiting = set(range(PROCESSES))
+        deadline = time.monotonic() + 120
+        while waiting:
+            try:
+                waiting.discard(ready.get(timeout=1))
+            except queue.Empty:
+                dead = [c.name for c in children if c.exitcode is not None]
+                if dead or time.monotonic() > deadline:
+                    fatal = []
+                    with contextlib.suppress(queue.Empty):
+                        while True:
+                            fatal.append(results.get(timeout=2)[2])
+                    pytest.fail(f"contention workers did not start ({dead or 'timeout'}):\n"
+                                + "\n".join(fatal))
+        go.set()
         started = time.perf_counter()
         reports = []
         for _ in children:
