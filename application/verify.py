@@ -14,6 +14,7 @@ as a snapshot without its events.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -72,6 +73,46 @@ class _SessionCheck:
         self.snapshots = snapshots
 
 
+def _where(session_id: str | None,
+           shard: tuple[str | None, str | None] | None) -> tuple[str, tuple[str, ...]]:
+    if session_id is not None:
+        return " WHERE session_id = ?", (session_id,)
+    if shard is None:
+        return "", ()
+    clauses, params = [], []
+    if shard[0] is not None:
+        clauses.append("session_id >= ?")
+        params.append(shard[0])
+    if shard[1] is not None:
+        clauses.append("session_id < ?")
+        params.append(shard[1])
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+
+
+def shards(store: EventStore, count: int) -> list[tuple[str | None, str | None]]:
+    """`count` ranges of session ids holding about as many sessions each, covering every id
+    (a session whose first event is missing still falls in one)."""
+    ids = [row[0] for row in store.query(
+        "SELECT session_id FROM sl_events WHERE version = 1 ORDER BY session_id")]
+    if count <= 1 or len(ids) < count:
+        return [(None, None)]
+    cuts = [ids[len(ids) * i // count] for i in range(1, count)]
+    bounds: list[str | None] = [None, *cuts, None]
+    return list(itertools.pairwise(bounds))
+
+
+def merge(reports: list[VerifyReport]) -> VerifyReport:
+    """One report of several shards' reports."""
+    merged = VerifyReport()
+    for report in reports:
+        merged.sessions += report.sessions
+        merged.events += report.events
+        merged.snapshots += report.snapshots
+        merged.problems.extend(report.problems)
+    merged.problems.sort(key=lambda p: (p.session_id, p.version or 0))
+    return merged
+
+
 class Verifier:
     """Walks the log once, in (session, version) order, with constant memory per session."""
 
@@ -81,10 +122,12 @@ class Verifier:
         self.codec = codec
         self.repository = repository
 
-    def run(self, session_id: str | None = None) -> VerifyReport:
-        """Check one session (or every session) and return the report."""
+    def run(self, session_id: str | None = None,
+            shard: tuple[str | None, str | None] | None = None) -> VerifyReport:
+        """Check one session, the sessions of a shard (ids in [low, high); None: open end), or
+        every session, and return the report."""
         report = VerifyReport()
-        where, params = (" WHERE session_id = ?", (session_id,)) if session_id else ("", ())
+        where, params = _where(session_id, shard)
         snapshots = self._snapshot_versions(where, params)
         link = chain_link(self.codec.chain_key)
         decode = self.codec.payloads.decode
@@ -144,6 +187,8 @@ class Verifier:
         return report
 
     def _snapshot_versions(self, where: str, params: tuple[str, ...]) -> dict[str, list[int]]:
+        """session id -> versions of its snapshots, ascending (only ints are kept per
+        session: a few per hundred events)."""
         versions: dict[str, list[int]] = {}
         rows = self.store.query(
             f"SELECT session_id, version FROM sl_snapshots{where} ORDER BY session_id, version",
