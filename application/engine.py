@@ -569,12 +569,14 @@ class SessionEngine:
 
     def subscribers(self) -> list[SubscriberStatus]:
         """Every tracked or registered durable subscriber with its position and lag."""
-        head = self._subscriptions.head()
         positions = self._subscriptions.positions()
         with self._lock:
             registered = set(self._durable) | {CATALOG_NAME}
+        # lag counts the events still to deliver: positions have holes (purges, and sequence
+        # numbers of rolled-back inserts on PostgreSQL), so head - position would not
         return [
-            SubscriberStatus(name, positions.get(name, 0), head - positions.get(name, 0),
+            SubscriberStatus(name, positions.get(name, 0),
+                             self._subscriptions.pending(positions.get(name, 0)),
                              name in registered)
             for name in sorted(set(positions) | registered)
         ]
@@ -905,13 +907,18 @@ class SessionEngine:
         """
         decode = self._codec.payloads.decode
         first = last_position - len(rows) + 1
+        # the rows of one command share their commit time: convert it once
+        last_micros = rows[0][3]
+        moment = to_datetime(last_micros)
         events = []
         for offset, (sid, version, event_type, micros, actor, correlation, payload, _) in (
             enumerate(rows)
         ):
-            data = decode(payload, sid, version)[1]
-            events.append(SessionEvent(sid, version, event_type, to_datetime(micros), actor,
-                                       correlation, data, first + offset, names[sid]))
+            if micros != last_micros:
+                last_micros, moment = micros, to_datetime(micros)
+            events.append(SessionEvent(sid, version, event_type, moment, actor, correlation,
+                                       decode(payload, sid, version)[1], first + offset,
+                                       names[sid]))
         # A hook may issue commands itself: their events queue behind the batch being delivered,
         # so every hook still sees each session's events in version order.
         self._hook_queue.extend(events)

@@ -193,10 +193,12 @@ class Session:
 
     def decide_recover(self) -> list[PendingEvent]:
         """SessionRestored marking a recovery after a restart (restore_recent()): the state is
-        unchanged, so the event carries no state, only where the session was."""
+        unchanged, so the event carries no state, only where the session was (its version and
+        status)."""
         self._require("recover", SessionStatus.ACTIVE, SessionStatus.SUSPENDED)
         return [(ev.SESSION_RESTORED, {
             "to_version": self.version, "checkpoint": None, "reason": "recovery",
+            "status": self.status.value,
         })]
 
     def decide_suspend(self, reason: Any = None) -> list[PendingEvent]:

@@ -63,6 +63,12 @@ class SubscriptionStore:
         rows = self.store.query("SELECT MAX(position) FROM sl_events")
         return int(rows[0][0] or 0)
 
+    def pending(self, position: int) -> int:
+        """How many events there are after `position` (a range count on the primary key)."""
+        rows = self.store.query("SELECT COUNT(*) FROM sl_events WHERE position > ?",
+                                (position,))
+        return int(rows[0][0])
+
     def positions(self) -> dict[str, int]:
         """Every tracked subscriber's position."""
         rows = self.store.query("SELECT name, position FROM sl_tracking ORDER BY name")

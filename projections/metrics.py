@@ -113,7 +113,7 @@ class MetricsHook:
             ev.STATE_CHANGED: self._on_active_only,
             ev.EVENT_RECORDED: self._on_active_only,
             ev.CHECKPOINT_TAKEN: self._on_active_only,
-            ev.SESSION_RESTORED: self._on_active_only,
+            ev.SESSION_RESTORED: self._on_restored,
         }
         self.collector = MetricsCollector(self)
         self._registry = CollectorRegistry(auto_describe=False)
@@ -151,6 +151,12 @@ class MetricsHook:
     def _on_active_only(self, event: SessionEvent) -> None:
         if event.session_id not in self._status_of:
             self._set_status(event.session_id, _ACTIVE)
+
+    def _on_restored(self, event: SessionEvent) -> None:
+        # a restore needs ACTIVE; a recovery after a restart (restore_recent) says the status
+        if event.session_id not in self._status_of:
+            status = event.data.get("status", _ACTIVE)
+            self._set_status(event.session_id, status if status in _STATUSES else _ACTIVE)
 
     def _on_ended(self, event: SessionEvent) -> None:
         status = _OUTCOME_STATUS.get(event.data.get("outcome", ""))
