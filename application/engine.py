@@ -921,18 +921,19 @@ class SessionEngine:
                                        names[sid]))
         # A hook may issue commands itself: their events queue behind the batch being delivered,
         # so every hook still sees each session's events in version order.
-        self._hook_queue.extend(events)
         if self._delivering:
+            self._hook_queue.extend(events)
             return
         self._delivering = True
         failed: HookFailed | None = None
         try:
-            while self._hook_queue:
-                batch, self._hook_queue = self._hook_queue, []
+            batch: list[SessionEvent] = events
+            while batch:
                 try:
                     self.hooks.dispatch(batch)
                 except HookFailed as error:  # hook_errors="raise": after every event went out
                     failed = failed or error
+                batch, self._hook_queue = self._hook_queue, []
         finally:
             self._delivering = False
         if failed is not None:
