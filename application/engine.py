@@ -703,7 +703,7 @@ class SessionEngine:
         self, ids: list[str], decide: Callable[[Session], list[PendingEvent]],
         actor: str | None, correlation_id: str | None,
     ) -> dict[str, int]:
-        """Apply one decision to many sessions in one transaction (with a snapshot each).
+        """Apply one decision to many sessions in one transaction (snapshots as the policy says).
 
         A session whose status refuses the decision is left out; a lost race retries the whole
         batch from the store, up to `retries` times. Returns {session id: new version}.
@@ -732,8 +732,9 @@ class SessionEngine:
             try:
                 snapshots = []
                 for session, pending, rows in decided:
-                    self._apply_committing(session, pending, rows, rows[-1][3])
-                    snapshots.append(self._repository.snapshot_row(session, rows[-1][7], now))
+                    # the policy's snapshots: one for every save (save_all_active), periodic
+                    # ones for the others
+                    snapshots.extend(self._apply_committing(session, pending, rows, rows[-1][3]))
                 position = self._store.append(all_rows, None, snapshots)
             except VersionConflict:
                 for session, _, _ in decided:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from . import suite
+from . import catalog_bench, snapshots_bench, suite
 from .machine import facts
 from .report import render
 from .results import Row
@@ -84,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             notes.append(settings_note(durability, settings))
         notes.append(ES_NOTE)
         rows.extend(suite.sqlite_loads(tmp, plan, progress))
+        rows.extend(snapshots_bench.rows(tmp, plan, progress))
+        rows.extend(catalog_bench.rows(tmp, plan, progress))
     if pg_url:
         machine["postgresql"] = suite.postgres_version(pg_url)
         rows.extend(suite.postgres(pg_url, plan, progress))

@@ -52,17 +52,18 @@ def update_rows(sid: str, count: int, first_step: int = 1) -> list[EventRow]:
     return rows
 
 
-def open_engine(url: str, durability: str = "full", cached: bool = True) -> SessionEngine:
+def open_engine(url: str, durability: str = "full", cached: bool = True,
+                snapshot_every: int = 100) -> SessionEngine:
     """An engine with the given durability; cached=False: max_active_sessions=0 (cold loads)."""
-    config = SessionConfig(durability=durability)
-    if not cached:
-        config = SessionConfig(durability=durability, max_active_sessions=0)
-    return SessionEngine(url, config)
+    return SessionEngine(url, SessionConfig(
+        durability=durability, max_active_sessions=1000 if cached else 0,
+        snapshot_every=snapshot_every))
 
 
-def populate(url: str, events: int) -> str:
-    """A new session of `events` events (create + updates), written at durability normal."""
-    with open_engine(url, "normal") as engine:
+def populate(url: str, events: int, snapshot_every: int = 0) -> str:
+    """A new session of `events` events (create + updates), written at durability normal;
+    without snapshots unless `snapshot_every` says otherwise."""
+    with open_engine(url, "normal", snapshot_every=snapshot_every) as engine:
         sid = engine.create(SESSION_NAME, state=dict(INITIAL_STATE))
         for step in range(1, events):
             engine.update(sid, {"step": step})
