@@ -20,7 +20,7 @@ from datetime import date, datetime, time, timezone
 from typing import Any
 from uuid import UUID
 
-from sessionledger.domain.errors import InvalidArgument, InvalidSessionId, SessionNotFound
+from sessionledger.domain.errors import InvalidArgument, SessionNotFound
 from sessionledger.domain.events import (
     EVENT_TYPES,
     SESSION_STARTED,
@@ -30,6 +30,7 @@ from sessionledger.domain.events import (
     to_micros,
 )
 from sessionledger.domain.session import Session
+from sessionledger.domain.values import parse_session_id
 from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec
 from sessionledger.infrastructure.store import EventStore
 from sessionledger.projections.audit import BlameEntry, StateDiff, blame_key, diff_states
@@ -71,20 +72,7 @@ _TIMELINE = (
 )
 
 
-def session_id_of(value: object) -> str:
-    """The canonical string form of a session id, or InvalidSessionId.
 
-    (The engine's parse_session_id, repeated: importing the engine from here would make the
-    engine's own import of this module circular.)
-    """
-    if isinstance(value, UUID):
-        return str(value)
-    if isinstance(value, str):
-        try:
-            return str(UUID(value))
-        except ValueError:
-            pass
-    raise InvalidSessionId(value)
 
 
 def parse_time(value: object, what: str = "time") -> datetime:
@@ -176,7 +164,7 @@ class AuditQueries:
         InvalidArgument for a version outside 1..latest (the message names the range) or a
         moment before the session started; SessionNotFound for an unknown session.
         """
-        sid = session_id_of(session_id)
+        sid = parse_session_id(session_id)
         if (version is None) == (at is None):
             raise InvalidArgument("state_at takes exactly one of version= or at=")
         if version is not None:
@@ -195,7 +183,7 @@ class AuditQueries:
         diff(b, a).reversed(). The lower state loads as state_at() does (nearest snapshot,
         then checked events); the events in between are checked as they continue its chain.
         """
-        sid = session_id_of(session_id)
+        sid = parse_session_id(session_id)
         latest = self._latest(sid)
         a = _checked_version(a, "a", 0, latest, sid)
         b = _checked_version(b, "b", 0, latest, sid)
@@ -227,7 +215,7 @@ class AuditQueries:
         # the check 2.4 ms; checking every row but decoding only the kept ones would be 20 ms,
         # but needs a hook in EventCodec.decode rather than a second copy of its check loop.
         # The filter runs on the decoded tuples: only kept events become SessionEvents.
-        sid = session_id_of(session_id)
+        sid = parse_session_id(session_id)
         low, high = _window(since, until)
         wanted = checked_types(types)
         if actor is not None and not isinstance(actor, str):
@@ -251,7 +239,7 @@ class AuditQueries:
         """Every change to state `key`, oldest first: version, time, actor, correlation id,
         event type and the value it left (deleted=True when the event removed the key). A key
         the session never had gives an empty list."""
-        sid = session_id_of(session_id)
+        sid = parse_session_id(session_id)
         if not isinstance(key, str):
             raise InvalidArgument(f"a state key is a str, got {type(key).__name__}")
         stored = self._store.stream(sid)

@@ -28,7 +28,6 @@ from sessionledger.domain.errors import (
     CheckpointNotFound,
     ConcurrencyConflict,
     InvalidArgument,
-    InvalidSessionId,
     InvalidTransition,
     SessionNotFound,
     SessionPurged,
@@ -42,7 +41,7 @@ from sessionledger.domain.events import (
 )
 from sessionledger.domain.session import PendingEvent, Session
 from sessionledger.domain.status import ENDED, SessionStatus
-from sessionledger.domain.values import checked_optional_text
+from sessionledger.domain.values import checked_optional_text, parse_session_id
 from sessionledger.infrastructure.catalog_store import CatalogStore
 from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec, EventRow
 from sessionledger.infrastructure.store import (
@@ -86,18 +85,6 @@ _SNAPSHOT_ON = frozenset({SESSION_SAVED, CHECKPOINT_TAKEN})
 #: errors a decision taken on a working-set copy may owe to that copy being stale (another
 #: engine moved the session on): the command re-reads the store and decides again once
 _STALE_DECISION_ERRORS = (InvalidTransition, CheckpointNotFound, ConcurrencyConflict)
-
-
-def parse_session_id(value: object) -> str:
-    """The canonical string form of a session id, or InvalidSessionId."""
-    if isinstance(value, UUID):
-        return str(value)
-    if isinstance(value, str):
-        try:
-            return str(UUID(value))
-        except ValueError:
-            pass
-    raise InvalidSessionId(value)
 
 
 #: a log longer than this is verified by several processes by default

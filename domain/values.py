@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from .errors import InvalidArgument, UnsupportedValue
+from .errors import InvalidArgument, InvalidSessionId, UnsupportedValue
 
 MIN_INT = -(2**63)
 MAX_INT = 2**64 - 1
@@ -171,3 +171,15 @@ def checked_tags(value: Any) -> list[str]:
         if text not in tags:
             tags.append(text)
     return tags
+
+
+def parse_session_id(value: object) -> str:
+    """The canonical string form of a session id (a UUID or its text), or InvalidSessionId."""
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            return str(UUID(value))
+        except ValueError:
+            pass
+    raise InvalidSessionId(value)

@@ -24,8 +24,9 @@ from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from uuid import UUID
 
-from sessionledger.domain.errors import InvalidArgument, InvalidSessionId, SessionLedgerError
+from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
 from sessionledger.domain.events import EVENT_TYPES, SessionEvent
+from sessionledger.domain.values import parse_session_id
 
 __all__ = [
     "ON_ERROR_MODES",
@@ -84,19 +85,6 @@ def hook_name(handler: object) -> str:
     return f"{module}.{qualname}" if isinstance(module, str) and module else qualname
 
 
-def _parse_session_id(value: object) -> str:
-    # The same canonical form the engine uses (str(UUID)); projections may not import the
-    # application package, so the few lines are repeated here.
-    if isinstance(value, UUID):
-        return str(value)
-    if isinstance(value, str):
-        try:
-            return str(UUID(value))
-        except ValueError:
-            pass
-    raise InvalidSessionId(value)
-
-
 def _event_filter(events: Iterable[str] | None) -> frozenset[str] | None:
     if events is None:
         return None
@@ -141,7 +129,7 @@ def _session_filter(sessions: Iterable[str | UUID] | None) -> frozenset[str] | N
         raise InvalidArgument(
             "sessions is empty: the hook would never run (sessions=None means all)"
         )
-    return frozenset(_parse_session_id(value) for value in ids)
+    return frozenset(parse_session_id(value) for value in ids)
 
 
 class HookSubscription:
