@@ -35,7 +35,10 @@ from sessionledger.domain.errors import (
 from sessionledger.domain.events import (
     CHECKPOINT_TAKEN,
     EVENT_SCHEMAS,
+    SESSION_RESTORED,
     SESSION_SAVED,
+    SESSION_STARTED,
+    STATE_CHANGED,
     SessionEvent,
     to_datetime,
 )
@@ -85,6 +88,19 @@ _SNAPSHOT_ON = frozenset({SESSION_SAVED, CHECKPOINT_TAKEN})
 #: errors a decision taken on a working-set copy may owe to that copy being stale (another
 #: engine moved the session on): the command re-reads the store and decides again once
 _STALE_DECISION_ERRORS = (InvalidTransition, CheckpointNotFound, ConcurrencyConflict)
+
+
+def _shares_nothing(event_type: str, data: dict[str, Any]) -> bool:
+    """True when a session that applied this event holds no mutable object of its data, so
+    hooks may have the data itself: the session copies the top-level maps it keeps, but a list
+    or map inside a state value (or SessionStarted's metadata) is shared."""
+    if event_type == STATE_CHANGED:
+        values = data["set"].values()
+    elif event_type == SESSION_RESTORED:
+        values = data.get("state", {}).values()
+    else:
+        return event_type != SESSION_STARTED  # the rest keep nothing mutable
+    return not any(type(value) is list or type(value) is dict for value in values)
 
 
 #: a log longer than this is verified by several processes by default
@@ -889,14 +905,19 @@ class SessionEngine:
                 if rows:
                     self._remember(session, rows[-1][7])
                     if self.hooks.active:
-                        self._deliver({sid: session.name}, rows, position)
+                        self._deliver({sid: session.name}, rows, position, pending)
                 return last_version
 
-    def _deliver(self, names: dict[str, str], rows: list[EventRow], last_position: int) -> None:
+    def _deliver(
+        self, names: dict[str, str], rows: list[EventRow], last_position: int,
+        pending: list[PendingEvent] | None = None,
+    ) -> None:
         """Hand committed rows to the in-process hooks (after the commit, never before).
 
-        The data is decoded from the stored bytes: hooks see exactly what history() will show,
-        and objects of their own, so a hook that mutates an event cannot touch a session.
+        Hooks get objects of their own, so a hook that mutates an event cannot touch a session:
+        an event's decided data is handed over as it is when the session keeps none of its
+        mutable parts (most events), else it is decoded from the stored bytes (a deep copy:
+        about 0.65 µs an event, a third of what a hook may cost).
         """
         decode = self._codec.payloads.decode
         first = last_position - len(rows) + 1
@@ -909,9 +930,11 @@ class SessionEngine:
         ):
             if micros != last_micros:
                 last_micros, moment = micros, to_datetime(micros)
+            data = pending[offset][1] if pending is not None else None
+            if data is None or not _shares_nothing(event_type, data):
+                data = decode(payload, sid, version)[1]
             events.append(SessionEvent(sid, version, event_type, moment, actor, correlation,
-                                       decode(payload, sid, version)[1], first + offset,
-                                       names[sid]))
+                                       data, first + offset, names[sid]))
         # A hook may issue commands itself: their events queue behind the batch being delivered,
         # so every hook still sees each session's events in version order.
         if self._delivering:

@@ -840,3 +840,28 @@ def test_hooks_from_several_threads_sharing_one_engine(engine: SessionEngine) ->
     assert positions == sorted(positions)  # type: ignore[type-var]
     assert len(set(positions)) == len(positions)
     assert engine.metrics()["events_total"]["StateChanged"] == 60
+
+
+def test_a_hook_mutating_nested_values_changes_no_session(engine: SessionEngine) -> None:
+    """Hooks may get an event's own data when the session keeps nothing mutable of it; a list
+    or map inside a state value must still be the hook's own copy."""
+    def vandal(event: SessionEvent) -> None:
+        for container in (event.data.get("set", {}), event.data.get("state", {}),
+                          event.data.get("metadata", {})):
+            for value in container.values():
+                if isinstance(value, list):
+                    value.append("hacked")
+                elif isinstance(value, dict):
+                    value["hacked"] = True
+
+    engine.hooks.subscribe(vandal)
+    sid = engine.create("nested", metadata={"m": {"k": 1}}, state={"notes": ["a"]})
+    engine.checkpoint(sid, "cp")
+    engine.update(sid, {"notes": ["a", "b"], "cfg": {"x": 1}, "n": 1})
+    engine.restore(sid, checkpoint="cp")
+    session = engine.get(sid)
+    assert session.state == {"notes": ["a"]}
+    assert session.metadata == {"m": {"k": 1}}
+    assert engine.state_at(sid, version=3).state == {"notes": ["a", "b"], "cfg": {"x": 1},
+                                                      "n": 1}
+    assert engine.get(sid, refresh=True) == session
