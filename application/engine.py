@@ -86,8 +86,10 @@ _CREATE_SCOPE = "create"
 _SNAPSHOT_ON = frozenset({SESSION_SAVED, CHECKPOINT_TAKEN})
 
 #: errors a decision taken on a working-set copy may owe to that copy being stale (another
-#: engine moved the session on): the command re-reads the store and decides again once
-_STALE_DECISION_ERRORS = (InvalidTransition, CheckpointNotFound, ConcurrencyConflict)
+#: engine moved the session on): the command re-reads the store and decides again once, so the
+#: error it raises is the one the stored session gives (a fresh engine checks the status first)
+_STALE_DECISION_ERRORS = (InvalidTransition, CheckpointNotFound, ConcurrencyConflict,
+                          InvalidArgument)
 
 
 def _shares_nothing(event_type: str, data: dict[str, Any]) -> bool:

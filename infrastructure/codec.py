@@ -11,8 +11,9 @@ Nothing is pickled; datetime, UUID and Decimal travel as msgpack ext types and r
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -50,9 +51,26 @@ def _default(obj: Any) -> msgpack.ExtType:
     raise TypeError(f"type {type(obj).__name__} is not supported")
 
 
+#: a UTC offset with seconds (and maybe microseconds) at the end of an ISO 8601 text
+_OFFSET_WITH_SECONDS = re.compile(r"([+-])(\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?$")
+
+
+def _datetime_from_iso(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    exact = _OFFSET_WITH_SECONDS.search(text)
+    if exact is not None:
+        # CPython 3.11 drops a sub-second offset of under a minute ("+00:00:00.500000" comes
+        # back as UTC): rebuild the offset from the text itself
+        sign, hours, minutes, seconds, micros = exact.groups()
+        offset = timedelta(hours=int(hours), minutes=int(minutes), seconds=int(seconds),
+                           microseconds=int((micros or "0").ljust(6, "0")))
+        moment = moment.replace(tzinfo=timezone(-offset if sign == "-" else offset))
+    return moment
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == EXT_DATETIME:
-        return datetime.fromisoformat(data.decode())
+        return _datetime_from_iso(data.decode())
     if code == EXT_UUID:
         return UUID(bytes=data)
     if code == EXT_DECIMAL:
