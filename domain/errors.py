@@ -116,9 +116,9 @@ class SnapshotVersionError(SessionLedgerError):
 
     def __init__(self, session_id: str, version: int, format_version: int, readable: int) -> None:
         super().__init__(
-            f"snapshot format {format_version} of session {session_id} (version {version}) is "
-            f"newer than this release reads (up to {readable}): upgrade sessionledger or "
-            "rebuild snapshots"
+            f"snapshot format {format_version} of session {session_id} is newer than this "
+            f"release reads (up to {readable}): upgrade sessionledger or rebuild snapshots "
+            f"(snapshot at version {version})"
         )
         self.session_id = session_id
         self.version = version
