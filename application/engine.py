@@ -1,9 +1,8 @@
 """SessionEngine: the facade users embed.
 
-A command travels: working set or store -> the aggregate decides (nothing written if it raises)
--> the codec encodes and chains the events -> one transaction appends them (unique
-(session, version) for optimistic concurrency, the idempotency key if given) -> commit -> the
-events are applied to the working-set copy.
+It validates arguments and hands commands to the write path (writer.py: working set, decide,
+encode, append, hooks), reads to the repository and the audit queries, and wires the catalog,
+durable subscribers, retention and verify together.
 """
 
 from __future__ import annotations
@@ -11,52 +10,35 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from typing import Any, Literal, overload
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from sessionledger.domain.errors import (
-    CheckpointNotFound,
-    ConcurrencyConflict,
     InvalidArgument,
-    InvalidTransition,
     SessionNotFound,
-    SessionPurged,
 )
 from sessionledger.domain.events import (
-    CHECKPOINT_TAKEN,
-    EVENT_SCHEMAS,
-    SESSION_RESTORED,
-    SESSION_SAVED,
-    SESSION_STARTED,
-    STATE_CHANGED,
     SessionEvent,
-    to_datetime,
 )
 from sessionledger.domain.session import PendingEvent, Session
 from sessionledger.domain.status import ENDED, SessionStatus
-from sessionledger.domain.values import checked_optional_text, parse_session_id
+from sessionledger.domain.values import parse_session_id
 from sessionledger.infrastructure.catalog_store import CatalogStore
-from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec, EventRow
+from sessionledger.infrastructure.codec import EventCodec
 from sessionledger.infrastructure.store import (
     EventStore,
-    IdempotencyKeyUsed,
-    SnapshotRow,
-    VersionConflict,
     safe_url,
 )
 from sessionledger.infrastructure.subscriptions import SubscriptionStore, Waker
 from sessionledger.projections.audit import BlameEntry, StateDiff
-from sessionledger.projections.hooks import HookFailed, HookRegistry, LoggingHook
+from sessionledger.projections.hooks import HookRegistry, LoggingHook
 from sessionledger.projections.metrics import MetricsHook
 
 from .audit import AuditQueries
@@ -77,33 +59,7 @@ from .subscribers import (
     checked_subscription,
 )
 from .verify import Verifier, VerifyReport, merge, shards
-
-Decision = Callable[[Session], list[PendingEvent]]
-
-_CREATE_SCOPE = "create"
-
-#: events after which a snapshot is always written (whatever snapshot_every says)
-_SNAPSHOT_ON = frozenset({SESSION_SAVED, CHECKPOINT_TAKEN})
-
-#: errors a decision taken on a working-set copy may owe to that copy being stale (another
-#: engine moved the session on): the command re-reads the store and decides again once, so the
-#: error it raises is the one the stored session gives (a fresh engine checks the status first)
-_STALE_DECISION_ERRORS = (InvalidTransition, CheckpointNotFound, ConcurrencyConflict,
-                          InvalidArgument)
-
-
-def _shares_nothing(event_type: str, data: dict[str, Any]) -> bool:
-    """True when a session that applied this event holds no mutable object of its data, so
-    hooks may have the data itself: the session copies the top-level maps it keeps, but a list
-    or map inside a state value (or SessionStarted's metadata) is shared."""
-    if event_type == STATE_CHANGED:
-        values = data["set"].values()
-    elif event_type == SESSION_RESTORED:
-        values = data.get("state", {}).values()
-    else:
-        return event_type != SESSION_STARTED  # the rest keep nothing mutable
-    return not any(type(value) is list or type(value) is dict for value in values)
-
+from .writer import Decision, SessionWriter, checked_meta, now_us
 
 #: a log longer than this is verified by several processes by default
 _PARALLEL_VERIFY_FROM = 200_000
@@ -114,10 +70,6 @@ def _verify_shard(url: str, config: SessionConfig,
     """verify() of one shard of sessions, in a worker process."""
     with SessionEngine(url, config) as engine:
         return Verifier(engine._store, engine._codec, engine._repository).run(shard=shard)
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000
 
 
 class _EngineCollector(Collector):
@@ -161,13 +113,11 @@ class SessionEngine:
         )
         #: the audit replay queries (state_at, diff, history filters, timeline, blame)
         self.audit = AuditQueries(self._store, self._repository, self._codec)
-        self._lock = threading.RLock()
-        # the working set: session id -> (session, digest of its last event), LRU order
-        self._working_set: OrderedDict[str, tuple[Session, bytes]] = OrderedDict()
         #: in-process hooks: subscribe(handler, events=None, sessions=None)
         self.hooks = HookRegistry(on_error=self.config.hook_errors)
-        self._hook_queue: list[SessionEvent] = []
-        self._delivering = False
+        self._writer = SessionWriter(self.config, self._store, self._codec, self._repository,
+                                     self.hooks)
+        self._lock = self._writer.lock
         self._metrics_hook: MetricsHook | None = None
         if self.config.lifecycle_hooks:
             self._install_lifecycle_hooks()
@@ -211,7 +161,7 @@ class SessionEngine:
     def close(self) -> None:
         """Release the database connection. The engine cannot be used afterwards."""
         with self._lock:
-            self._working_set.clear()
+            self._writer.clear()
             self._store.close()
 
     def __enter__(self) -> SessionEngine:
@@ -243,29 +193,10 @@ class SessionEngine:
         existing session. Retried with an `idempotency_key` used before, it creates nothing and
         returns the first session's id.
         """
-        actor, correlation_id, key = self._checked_meta(actor, correlation_id, idempotency_key)
+        actor, correlation_id, key = checked_meta(actor, correlation_id, idempotency_key)
         parent_id = None if parent is None else parse_session_id(parent)
         pending = Session.decide_start(name, tags, metadata, state, parent_id)
-        with self._lock:
-            if key is not None:
-                used = self._store.idempotent_result(_CREATE_SCOPE, key)
-                if used is not None:
-                    return used[0]
-            if parent_id is not None:
-                self._loaded(parent_id)  # SessionNotFound for an unknown parent
-            session = Session(str(uuid4()))
-            now = _now_us()
-            rows = self._encode(session, GENESIS_DIGEST, [pending], actor, correlation_id, now)
-            idem = None if key is None else (_CREATE_SCOPE, key, session.id, 1)
-            try:
-                position = self._store.append(rows, idem)
-            except IdempotencyKeyUsed as used_key:
-                return used_key.session_id
-            session.apply(pending[0], pending[1], 1, now)
-            self._remember(session, rows[-1][7])
-            if self.hooks.active:
-                self._deliver({session.id: session.name}, rows, position)
-            return session.id
+        return self._writer.create(pending, parent_id, key, actor, correlation_id)
 
     def update(
         self,
@@ -438,8 +369,8 @@ class SessionEngine:
         sid = parse_session_id(session_id)
         with self._lock:
             if refresh:
-                self._working_set.pop(sid, None)
-            return self._loaded(sid)[0].copy()
+                self._writer.forget(sid)
+            return self._writer.loaded(sid)[0].copy()
 
     def history(
         self,
@@ -455,7 +386,7 @@ class SessionEngine:
         try:
             return self.audit.history(session_id, since, until, types, actor)
         except SessionNotFound as missing:
-            raise self._not_found(missing.session_id) from None
+            raise self._writer.not_found(missing.session_id) from None
 
     def state_at(
         self, session_id: str | UUID, version: int | None = None, at: datetime | str | None = None
@@ -504,7 +435,7 @@ class SessionEngine:
         written = 0
         for sid in self._store.session_ids():
             with self._lock:
-                rows = self._repository.rebuild_snapshots(sid, _now_us())
+                rows = self._repository.rebuild_snapshots(sid, now_us())
                 self._store.put_snapshots(rows)
             written += len(rows)
         return written
@@ -636,11 +567,11 @@ class SessionEngine:
                         correlation_id: str | None = None) -> dict[str, int]:
         """Save every ACTIVE session in one transaction: a SessionSaved event and a snapshot
         each, all written or none. Returns {session id: its new version}."""
-        actor, correlation_id, _ = self._checked_meta(actor, correlation_id, None)
+        actor, correlation_id, _ = checked_meta(actor, correlation_id, None)
         with self._lock:
             self._catalog.catch_up()
             ids = self._catalog_ids([SessionStatus.ACTIVE.value])
-            return self._batch(ids, Session.decide_save, actor, correlation_id)
+            return self._writer.batch(ids, Session.decide_save, actor, correlation_id)
 
     def restore_recent(self, count: int, *, actor: str | None = None,
                        correlation_id: str | None = None) -> list[Session]:
@@ -649,7 +580,7 @@ class SessionEngine:
         (one transaction) and return them (copies), most recent first."""
         if type(count) is not int or count < 0:
             raise InvalidArgument(f"count must be an int >= 0, got {count!r}")
-        actor, correlation_id, _ = self._checked_meta(actor, correlation_id, None)
+        actor, correlation_id, _ = checked_meta(actor, correlation_id, None)
         with self._lock:
             if count == 0:
                 return []
@@ -658,9 +589,9 @@ class SessionEngine:
                                       None, None, None, None, min(count, 10_000), None)
             ids = [item.id for item in page]
             for sid in ids:  # a recovery reads the store, not what this engine held
-                self._working_set.pop(sid, None)
-            self._batch(ids, Session.decide_recover, actor, correlation_id)
-            return [self._loaded(sid)[0].copy() for sid in ids]
+                self._writer.forget(sid)
+            self._writer.batch(ids, Session.decide_recover, actor, correlation_id)
+            return [self._writer.loaded(sid)[0].copy() for sid in ids]
 
     def cleanup(self, policy: RetentionPolicy) -> CleanupReport:
         """Apply a retention policy to ended sessions: archive them (SessionArchived) or purge
@@ -674,7 +605,7 @@ class SessionEngine:
                 statuses.append(SessionStatus.ARCHIVED.value)
             cutoff = None
             if policy.max_age_seconds is not None:
-                cutoff = _now_us() - int(policy.max_age_seconds * 1_000_000)
+                cutoff = now_us() - int(policy.max_age_seconds * 1_000_000)
             candidates = self._catalog.tables.find(statuses, None, None, None, None, cutoff,
                                                    1_000_000_000, None)
             # keep_last counts every ended session, old or not: the newest N stay
@@ -688,7 +619,7 @@ class SessionEngine:
             if policy.dry_run:
                 return CleanupReport(policy.action, ids, dry_run=True)
             if policy.action == "archive":
-                self._batch(ids, Session.decide_archive, None, None)
+                self._writer.batch(ids, Session.decide_archive, None, None)
             else:
                 for row in chosen:
                     self._purge(row[0], row[1], row[2])
@@ -700,66 +631,9 @@ class SessionEngine:
         return [row[0] for row in rows]
 
     def _purge(self, sid: str, name: str, status: str) -> None:
-        self._working_set.pop(sid, None)
-        self._store.purge(sid, name, status, _now_us(),
+        self._writer.forget(sid)
+        self._store.purge(sid, name, status, now_us(),
                           lambda conn: self._catalog.tables.delete(conn, sid))
-
-    def _batch(
-        self, ids: list[str], decide: Callable[[Session], list[PendingEvent]],
-        actor: str | None, correlation_id: str | None,
-    ) -> dict[str, int]:
-        """Apply one decision to many sessions in one transaction (snapshots as the policy says).
-
-        A session whose status refuses the decision is left out; a lost race retries the whole
-        batch from the store, up to `retries` times. Returns {session id: new version}.
-        """
-        attempt = 0
-        while True:
-            now = _now_us()
-            decided: list[tuple[Session, list[PendingEvent], list[EventRow]]] = []
-            for sid in ids:
-                try:
-                    session, head, cached = self._loaded(sid)
-                    try:
-                        pending = decide(session)
-                    except InvalidTransition:
-                        if not cached:
-                            raise
-                        self._working_set.pop(sid, None)
-                        session, head, _ = self._loaded(sid)
-                        pending = decide(session)
-                except (InvalidTransition, SessionNotFound):
-                    continue  # changed (or purged) since the catalog said so: not for this batch
-                rows = self._encode(session, head, pending, actor, correlation_id,
-                                    max(now, session.updated_us))
-                decided.append((session, pending, rows))
-            all_rows = [row for _, _, rows in decided for row in rows]
-            try:
-                snapshots = []
-                for session, pending, rows in decided:
-                    # the policy's snapshots: one for every save (save_all_active), periodic
-                    # ones for the others
-                    snapshots.extend(self._apply_committing(session, pending, rows, rows[-1][3]))
-                position = self._store.append(all_rows, None, snapshots)
-            except VersionConflict:
-                for session, _, _ in decided:
-                    self._working_set.pop(session.id, None)
-                if attempt >= self.config.retries:
-                    raise ConcurrencyConflict(
-                        decided[0][0].id if decided else "-", 0,
-                        "another writer changed sessions of the batch first",
-                    ) from None
-                attempt += 1
-                continue
-            except BaseException:
-                for session, _, _ in decided:
-                    self._working_set.pop(session.id, None)
-                raise
-            for session, _, rows in decided:
-                self._remember(session, rows[-1][7])
-            if self.hooks.active and all_rows:
-                self._deliver({s.id: s.name for s, _, _ in decided}, all_rows, position)
-            return {session.id: rows[-1][1] for session, _, rows in decided}
 
     # -- tamper evidence ------------------------------------------------------------------------
 
@@ -825,199 +699,9 @@ class SessionEngine:
 
     # -- internals ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _checked_meta(
-        actor: object, correlation_id: object, idempotency_key: object
-    ) -> tuple[str | None, str | None, str | None]:
-        return (
-            checked_optional_text(actor, "actor"),
-            checked_optional_text(correlation_id, "correlation_id"),
-            checked_optional_text(idempotency_key, "idempotency_key"),
-        )
-
     def _command(
-        self,
-        session_id: str | UUID,
-        decide: Decision,
-        actor: str | None,
-        correlation_id: str | None,
-        idempotency_key: str | None,
-        expected_version: int | None,
+        self, session_id: str | UUID, decide: Decision, actor: str | None,
+        correlation_id: str | None, idempotency_key: str | None, expected_version: int | None,
     ) -> int:
-        # an id held in the working set is canonical already: skip parsing it (about 1 µs)
-        sid = (session_id if type(session_id) is str and session_id in self._working_set
-               else parse_session_id(session_id))
-        if actor is not None or correlation_id is not None or idempotency_key is not None:
-            actor, correlation_id, idempotency_key = self._checked_meta(
-                actor, correlation_id, idempotency_key)
-        key = idempotency_key
-        with self._lock:
-            if key is not None:
-                used = self._store.idempotent_result(sid, key)
-                if used is not None:
-                    return used[1]
-            attempt = 0
-            while True:
-                session, head, cached = self._loaded(sid)
-                try:
-                    if expected_version is not None and session.version != expected_version:
-                        raise ConcurrencyConflict(
-                            sid, expected_version, f"it is at version {session.version}"
-                        )
-                    pending = decide(session)
-                    stored_version = self._store.latest_version if cached and not pending else None
-                    if stored_version is not None and stored_version(sid) != session.version:
-                        # "nothing to change" was decided on a stale copy: decide again
-                        raise ConcurrencyConflict(sid, session.version, "stale working set")
-                except _STALE_DECISION_ERRORS:
-                    if not cached:
-                        raise
-                    self._working_set.pop(sid, None)
-                    continue
-                if not pending and key is None:
-                    return session.version
-                # never let a session's clock run backwards, whatever the writers' clocks say
-                now = max(_now_us(), session.updated_us)
-                rows = self._encode(session, head, pending, actor, correlation_id, now)
-                last_version = rows[-1][1] if rows else session.version
-                idem = None if key is None else (sid, key, sid, last_version)
-                try:
-                    # applied before the commit so a due snapshot holds the new state; on any
-                    # failure below the session leaves the working set, so a half-applied copy
-                    # is never served
-                    snapshots = self._apply_committing(session, pending, rows, now)
-                    position = self._store.append(rows, idem, snapshots)
-                except VersionConflict:
-                    # another engine wrote this session meanwhile: re-read it and decide again
-                    self._working_set.pop(sid, None)
-                    if expected_version is not None or attempt >= self.config.retries:
-                        raise ConcurrencyConflict(
-                            sid, last_version - len(rows),
-                            "another writer committed that version first",
-                        ) from None
-                    attempt += 1
-                    continue
-                except IdempotencyKeyUsed as used_key:
-                    self._working_set.pop(sid, None)
-                    return used_key.version
-                except BaseException:
-                    # a lost connection may leave the commit's fate unknown: re-read next time
-                    self._working_set.pop(sid, None)
-                    raise
-                if rows:
-                    self._remember(session, rows[-1][7])
-                    if self.hooks.active:
-                        self._deliver({sid: session.name}, rows, position, pending)
-                return last_version
-
-    def _deliver(
-        self, names: dict[str, str], rows: list[EventRow], last_position: int,
-        pending: list[PendingEvent] | None = None,
-    ) -> None:
-        """Hand committed rows to the in-process hooks (after the commit, never before).
-
-        Hooks get objects of their own, so a hook that mutates an event cannot touch a session:
-        an event's decided data is handed over as it is when the session keeps none of its
-        mutable parts (most events), else it is decoded from the stored bytes (a deep copy:
-        about 0.65 µs an event, a third of what a hook may cost).
-        """
-        decode = self._codec.payloads.decode
-        first = last_position - len(rows) + 1
-        # the rows of one command share their commit time: convert it once
-        last_micros = rows[0][3]
-        moment = to_datetime(last_micros)
-        events = []
-        for offset, (sid, version, event_type, micros, actor, correlation, payload, _) in (
-            enumerate(rows)
-        ):
-            if micros != last_micros:
-                last_micros, moment = micros, to_datetime(micros)
-            data = pending[offset][1] if pending is not None else None
-            if data is None or not _shares_nothing(event_type, data):
-                data = decode(payload, sid, version)[1]
-            events.append(SessionEvent(sid, version, event_type, moment, actor, correlation,
-                                       data, first + offset, names[sid]))
-        # A hook may issue commands itself: their events queue behind the batch being delivered,
-        # so every hook still sees each session's events in version order.
-        if self._delivering:
-            self._hook_queue.extend(events)
-            return
-        self._delivering = True
-        failed: HookFailed | None = None
-        try:
-            batch: list[SessionEvent] = events
-            while batch:
-                try:
-                    self.hooks.dispatch(batch)
-                except HookFailed as error:  # hook_errors="raise": after every event went out
-                    failed = failed or error
-                batch, self._hook_queue = self._hook_queue, []
-        finally:
-            self._delivering = False
-        if failed is not None:
-            raise failed
-
-    def _apply_committing(
-        self, session: Session, pending: list[PendingEvent], rows: list[EventRow], now: int
-    ) -> list[SnapshotRow]:
-        """Apply `pending` (stored as `rows`) to `session`; the snapshot rows now due."""
-        if not rows:
-            return []
-        before = session.version
-        for (event_type, data), row in zip(pending, rows, strict=True):
-            session.apply(event_type, data, row[1], now)
-        every = self.config.snapshot_every
-        due = (every and before // every != session.version // every) or any(
-            event_type in _SNAPSHOT_ON for event_type, _ in pending
-        )
-        if not due:
-            return []
-        return [self._repository.snapshot_row(session, rows[-1][7], now)]
-
-    def _encode(
-        self,
-        session: Session,
-        head: bytes,
-        pending: list[PendingEvent],
-        actor: str | None,
-        correlation_id: str | None,
-        now: int,
-    ) -> list[EventRow]:
-        """Stored rows for `pending` after `session.version` (chain digest `head`)."""
-        return self._codec.encode(
-            session.id, session.version, head,
-            [(event_type, EVENT_SCHEMAS[event_type], data) for event_type, data in pending],
-            now, actor, correlation_id,
-        )
-
-    def _loaded(self, sid: str) -> tuple[Session, bytes, bool]:
-        """(session at its latest version, its chain head, whether it came from the working
-        set rather than the store)."""
-        entry = self._working_set.get(sid)
-        if entry is not None:
-            self._working_set.move_to_end(sid)
-            return entry[0], entry[1], True
-        try:
-            session, head = self._repository.load(sid)
-        except SessionNotFound:
-            raise self._not_found(sid) from None
-        self._remember(session, head)
-        return session, head, False
-
-    def _not_found(self, sid: str) -> SessionNotFound:
-        """SessionNotFound, or SessionPurged when a cleanup left a tombstone for `sid`."""
-        tombstone = self._store.tombstone(sid)
-        if tombstone is None:
-            return SessionNotFound(sid)
-        name, status, micros = tombstone
-        return SessionPurged(sid, name, status, to_datetime(micros).isoformat())
-
-    def _remember(self, session: Session, head: bytes) -> None:
-        capacity = self.config.max_active_sessions
-        if capacity == 0:
-            return
-        working_set = self._working_set
-        working_set[session.id] = (session, head)
-        working_set.move_to_end(session.id)
-        while len(working_set) > capacity:
-            working_set.popitem(last=False)
+        return self._writer.command(session_id, decide, actor, correlation_id,
+                                    idempotency_key, expected_version)

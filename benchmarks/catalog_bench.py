@@ -5,7 +5,7 @@
 
 Fills a SQLite file (default: 100,000 sessions, 1,000,000 events; the main table uses 500,000)
 with ``fill()``, which drives the engine's own decision, encoding and snapshot code
-(``Session.decide_*``, ``SessionEngine._encode`` / ``_apply_committing``: the rows, chain
+(``Session.decide_*``, ``SessionWriter._encode`` / ``_apply_committing``: the rows, chain
 digests and snapshots a command writes) for many sessions at once, interleaved in commit order as
 concurrent sessions would be, in worker processes, and inserts the rows with large executemany
 transactions. Nothing goes through the catalog: the first rebuild builds it, and that rebuild
@@ -243,7 +243,7 @@ def _generate(worker: int, workers: int, sessions: int, events: int, seed: int,
 
     rng = random.Random(seed * 1000 + worker)
     engine = SessionEngine("sqlite://", SessionConfig(lifecycle_hooks=False))
-    encode, apply_committing = engine._encode, engine._apply_committing
+    encode, apply_committing = engine._writer._encode, engine._writer._apply_committing
     plans = _plans(rng, sessions, events, probe_every)
     live: list[_Plan] = []
     event_rows: list[Any] = []

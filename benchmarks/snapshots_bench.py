@@ -378,7 +378,7 @@ def save_all_active_rows(tmp: str, plan: Any, progress: Progress) -> list[Row]:
         for name, engine in (("cached", cached), ("cold", cold)):
             ids[name] = [engine.create(sl.SESSION_NAME, state=dict(sl.INITIAL_STATE))
                          for _ in range(BATCH_SESSIONS)]
-        if len(cached._working_set) != BATCH_SESSIONS or cold._working_set:
+        if len(cached._writer._working_set) != BATCH_SESSIONS or cold._writer._working_set:
             raise RuntimeError("the working sets are not what the rows say")
         floor_ids = [str(uuid.uuid4()) for _ in range(BATCH_SESSIONS)]
         batches = _floor_batches(cached, ids["cached"][0], floor_ids, calls)
@@ -397,7 +397,7 @@ def save_all_active_rows(tmp: str, plan: Any, progress: Progress) -> list[Row]:
             "cached": save(cached),
             "cold": save(cold),
         }, rounds=rounds, per_round=per_round, warmup=warmup)
-        cached_in_set = len(cached._working_set)
+        cached_in_set = len(cached._writer._working_set)
         stored = cold._store.query("SELECT COUNT(*) FROM sl_snapshots")[0][0]
         if stored != BATCH_SESSIONS * calls:
             raise RuntimeError(f"{stored} snapshots stored, not {BATCH_SESSIONS * calls}")
