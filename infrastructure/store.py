@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
@@ -53,6 +55,23 @@ class IdempotencyKeyUsed(Exception):
         super().__init__(session_id, version)
         self.session_id = session_id
         self.version = version
+
+
+def _set_wal(dbapi_connection: Any) -> None:
+    """Put the database in WAL mode. The switch needs the file to itself: while another
+    process or thread creates a new database it can be refused at once ("database is locked",
+    no busy wait), so it is retried for up to about five seconds. A database already in WAL
+    mode (the mode is stored in the file) needs no switch."""
+    for attempt in range(100):
+        try:
+            mode = dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == 99:
+                raise
+            time.sleep(0.05)
 
 
 def resolve_url(url: str | URL | None) -> URL:
@@ -115,7 +134,7 @@ class EventStore:
             # one round trip each: the lock that orders positions, and the wake-up of listeners
             self._begin = f"BEGIN; SELECT pg_advisory_xact_lock({_APPEND_LOCK_KEY})"
             self._commit = f"NOTIFY {EVENTS_CHANNEL}; COMMIT"
-        with self._storage_errors("open"):
+        with self.storage_errors("open"):
             self._create_schema()
             self._connect()
         self._integrity_error: type[Exception] = self.engine.dialect.loaded_dbapi.IntegrityError
@@ -142,7 +161,7 @@ class EventStore:
                 def _pragmas(dbapi_connection: Any, _record: Any) -> None:
                     previous = dbapi_connection.isolation_level
                     dbapi_connection.isolation_level = None
-                    dbapi_connection.execute("PRAGMA journal_mode=WAL")
+                    _set_wal(dbapi_connection)
                     dbapi_connection.execute(f"PRAGMA synchronous={sync}")
                     # reads of a large file: memory-mapped pages and a 32 MiB page cache (the
                     # default 2 MiB made cold loads 1.5x slower on a 1M-event file than on a
@@ -178,7 +197,7 @@ class EventStore:
         if self.dialect == "postgresql" and self._db.closed:
             with contextlib.suppress(Exception):
                 self._fairy.invalidate()
-            with self._storage_errors("reconnect to"):
+            with self.storage_errors("reconnect to"):
                 self._connect()
 
     def _create_schema(self) -> None:
@@ -223,7 +242,9 @@ class EventStore:
         return None if value is None else int(value)
 
     @contextlib.contextmanager
-    def _storage_errors(self, doing: str) -> Iterator[None]:
+    def storage_errors(self, doing: str) -> Iterator[None]:
+        """Turn driver and SQLAlchemy errors in the block into one-line StorageErrors:
+        "cannot {doing} database {url}: {what the driver said}"."""
         try:
             yield
         except StorageError:
@@ -332,7 +353,7 @@ class EventStore:
     ) -> None:
         """Delete a session's events, snapshots and idempotency keys for good and leave a
         tombstone, in one transaction (`also` runs in it: read models drop their rows)."""
-        with self._storage_errors("purge a session in"), self.engine.connect() as conn:
+        with self.storage_errors("purge a session in"), self.engine.connect() as conn:
             if self.dialect == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
             for table in ("sl_events", "sl_snapshots"):
@@ -377,7 +398,7 @@ class EventStore:
     def scan(self, sql: str, params: Sequence[Any] = (), batch: int = 2000) -> Iterator[Any]:
         """Stream the rows of one read statement (qmark parameters) in batches, on a connection
         of its own so a long scan never holds up commands. Constant memory."""
-        with self._storage_errors("read from"):
+        with self.storage_errors("read from"):
             fairy = self.engine.raw_connection()
         try:
             # psycopg's plain cursor would fetch the whole result at once: a server-side

@@ -22,9 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from sessionledger.domain.errors import StorageError
-
-from .store import EVENTS_CHANNEL, EventStore, one_line, safe_url
+from .store import EVENTS_CHANNEL, EventStore
 
 #: one event as a subscriber reads it: (position, session_id, version, type, ts, actor,
 #: correlation_id, payload)
@@ -43,18 +41,6 @@ class SubscriptionStore:
         self.store = store
         self.engine = store.engine
         self.dialect = store.dialect
-
-    @contextlib.contextmanager
-    def _errors(self, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except StorageError:
-            raise
-        except sa.exc.SQLAlchemyError as error:
-            original = getattr(error, "orig", None) or error
-            raise StorageError(
-                f"{doing} on {safe_url(self.store.url)} failed: {one_line(original)}"
-            ) from None
 
     # -- positions -------------------------------------------------------------------------
 
@@ -90,7 +76,8 @@ class SubscriptionStore:
         way); PostgreSQL locks the tracking row (SELECT ... FOR UPDATE), so two processes that
         run the same subscriber take turns instead of applying a batch twice.
         """
-        with self._errors(f"subscriber {name!r}"), self.engine.connect() as conn:
+        doing = f"run subscriber {name!r} on"
+        with self.store.storage_errors(doing), self.engine.connect() as conn:
             if self.dialect == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
                 row = conn.execute(sa.text("SELECT position FROM sl_tracking WHERE name = :n"),
@@ -119,7 +106,7 @@ class SubscriptionStore:
 
     def advance_now(self, name: str, position: int) -> None:
         """Record `position` for `name` in a transaction of its own."""
-        with self._errors(f"subscriber {name!r}"), self.engine.begin() as conn:
+        with self.store.storage_errors(f"run subscriber {name!r} on"), self.engine.begin() as conn:
             self.advance(conn, name, position)
 
     def forget(self, conn: Connection, name: str) -> None:
@@ -140,7 +127,7 @@ class SubscriptionStore:
             type_filter = f" AND type IN ({', '.join(':' + n for n in names)})"
             params.update(zip(names, types, strict=True))
         statement = sa.text(_FEED.format(types=type_filter))
-        with self._errors("read events"):
+        with self.store.storage_errors("read events from"):
             if conn is not None:
                 return self._fetch(conn, statement, params)
             with self.engine.connect() as own:
@@ -162,7 +149,7 @@ class SubscriptionStore:
 
     def head_in(self, conn: Connection) -> int:
         """The newest position as the transaction of `conn` sees it."""
-        with self._errors("read events"):
+        with self.store.storage_errors("read events from"):
             value = conn.execute(sa.text("SELECT MAX(position) FROM sl_events")).scalar()
         return int(value or 0)
 
