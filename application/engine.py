@@ -420,8 +420,7 @@ class SessionEngine:
         """The most recently created sessions, newest first, at their latest version."""
         if type(limit) is not int or limit < 0:
             raise InvalidArgument(f"limit must be an int >= 0, got {limit!r}")
-        ids = [row[0] for row in self._store.started_sessions()[:limit]]
-        return [self.get(sid) for sid in ids]
+        return [self.get(sid) for sid in self._store.newest_session_ids(limit)]
 
     # -- snapshots ---------------------------------------------------------------------------
 

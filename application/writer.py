@@ -103,7 +103,6 @@ class SessionWriter:
         self.hooks = hooks
         #: held while a command or a batch reads, decides and writes
         self.lock = threading.RLock()
-        self._lock = self.lock
         # the working set: session id -> (session, digest of its last event), LRU order
         self._working_set: OrderedDict[str, tuple[Session, bytes]] = OrderedDict()
         self._hook_queue: list[SessionEvent] = []
@@ -121,7 +120,7 @@ class SessionWriter:
                actor: str | None, correlation_id: str | None) -> str:
         """Write a new session's SessionStarted; return its id (the first one's for a used
         idempotency key)."""
-        with self._lock:
+        with self.lock:
             if key is not None:
                 used = self._store.idempotent_result(CREATE_SCOPE, key)
                 if used is not None:
@@ -196,7 +195,8 @@ class SessionWriter:
             for session, _, rows in decided:
                 self._remember(session, rows[-1][7])
             if self.hooks.active and all_rows:
-                self._deliver({s.id: s.name for s, _, _ in decided}, all_rows, position)
+                self._deliver({s.id: s.name for s, _, _ in decided}, all_rows, position,
+                              [event for _, pending, _ in decided for event in pending])
             return {session.id: rows[-1][1] for session, _, rows in decided}
 
     def command(
@@ -215,7 +215,7 @@ class SessionWriter:
             actor, correlation_id, idempotency_key = checked_meta(
                 actor, correlation_id, idempotency_key)
         key = idempotency_key
-        with self._lock:
+        with self.lock:
             if key is not None:
                 used = self._store.idempotent_result(sid, key)
                 if used is not None:
@@ -229,8 +229,8 @@ class SessionWriter:
                             sid, expected_version, f"it is at version {session.version}"
                         )
                     pending = decide(session)
-                    stored_version = self._store.latest_version if cached and not pending else None
-                    if stored_version is not None and stored_version(sid) != session.version:
+                    if (not pending and cached
+                            and self._store.latest_version(sid) != session.version):
                         # "nothing to change" was decided on a stale copy: decide again
                         raise ConcurrencyConflict(sid, session.version, "stale working set")
                 except _STALE_DECISION_ERRORS:

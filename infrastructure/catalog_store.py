@@ -115,11 +115,6 @@ class CatalogStore:
         for table in schema.catalog_tables(target, NEXT):
             conn.execute(CreateTable(table, if_not_exists=True))
 
-    def drop_next(self, conn: Connection) -> None:
-        """Throw away a rebuild's tables."""
-        for name in ("sl_catalog_next", "sl_catalog_tags_next"):
-            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
-
     def swap(self, conn: Connection) -> None:
         """Replace the live tables by the rebuilt ones, with the live indexes (in the caller's
         transaction: readers see the old catalog until it commits)."""

@@ -461,6 +461,10 @@ class EventStore:
         """Every session with events, oldest first."""
         return [row[0] for row in self._fetchall(self._sql.session_ids, ())]
 
+    def newest_session_ids(self, limit: int) -> list[str]:
+        """The `limit` most recently created sessions, newest first."""
+        return [row[0] for row in self._fetchall(self._sql.newest_session_ids, (limit,))]
+
     def latest_version(self, session_id: str) -> int:
         """The highest stored version of a session (0 when it has none)."""
         rows = self._fetchall(self._sql.latest_version, (session_id,))
@@ -470,10 +474,6 @@ class EventStore:
         """(session_id, version) the first command with this key produced, if any."""
         rows = self._fetchall(self._sql.select_idempotency, (scope, key))
         return (rows[0][0], rows[0][1]) if rows else None
-
-    def started_sessions(self) -> list[tuple[str, int, bytes]]:
-        """(session_id, ts, payload) of every SessionStarted event, newest first."""
-        return self._fetchall(self._sql.started, ())
 
 
 class _Statements:
@@ -506,6 +506,10 @@ class _Statements:
                 "SELECT version FROM sl_snapshots WHERE session_id = ? ORDER BY version"
             ),
             "session_ids": "SELECT session_id FROM sl_events WHERE version = 1 ORDER BY position",
+            "newest_session_ids": (
+                "SELECT session_id FROM sl_events WHERE version = 1 ORDER BY position DESC "
+                "LIMIT ?"
+            ),
             "last_position": (
                 "SELECT last_insert_rowid()" if dialect == "sqlite" else "SELECT lastval()"
             ),
@@ -533,10 +537,6 @@ class _Statements:
                 f"SELECT {snapshot_read} FROM sl_snapshots WHERE session_id = ? AND version <= ? "
                 "ORDER BY version DESC LIMIT 1"
             ),
-            "started": (
-                "SELECT session_id, ts, payload FROM sl_events "
-                "WHERE version = 1 ORDER BY position DESC"
-            ),
         }
         for name, sql in statements.items():
             setattr(self, name, self.adapt(sql))
@@ -559,4 +559,4 @@ class _Statements:
     upsert_snapshot: str
     latest_snapshot: str
     latest_snapshot_upto: str
-    started: str
+    newest_session_ids: str
