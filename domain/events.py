@@ -83,8 +83,18 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MAX_MICROS = (datetime.max.replace(tzinfo=timezone.utc) - EPOCH) // timedelta(microseconds=1)
 
 
+#: below this many microseconds (2^32 s, the year 2106) micros / 1e6 is within 0.24 µs of the
+#: exact value (half a float ulp), so fromtimestamp's round-half-even gives the exact microsecond
+_FLOAT_EXACT_MICROS = 2**32 * 10**6
+_UTC = timezone.utc
+_from_timestamp = datetime.fromtimestamp
+
+
 def to_datetime(micros: int) -> datetime:
     """Microseconds since the epoch (how timestamps are stored) as an aware UTC datetime."""
+    if 0 <= micros < _FLOAT_EXACT_MICROS:
+        # 0.28 µs instead of 0.57: every delivered hook event and every history entry pays it
+        return _from_timestamp(micros / 1e6, _UTC)
     return EPOCH + timedelta(microseconds=micros)
 
 

@@ -24,6 +24,7 @@ from sessionledger import (
     SessionLedgerError,
     UnsupportedValue,
 )
+from sessionledger.domain.events import MAX_MICROS, to_datetime, to_micros
 
 EngineFactory = Callable[..., SessionEngine]
 
@@ -400,3 +401,25 @@ def test_update_with_the_same_nan_changes_nothing(engine: SessionEngine) -> None
     sid = engine.create("a", state={"v": math.nan})
     assert engine.update(sid, {"v": math.nan}) == 1
     assert len(engine.history(sid)) == 1
+
+
+# -- stored timestamps ----------------------------------------------------------------------------
+
+_EXACT_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@given(st.integers(min_value=0, max_value=MAX_MICROS))
+@settings(max_examples=3000, deadline=None)
+def test_to_datetime_is_exact_at_every_microsecond(micros: int) -> None:
+    # to_datetime takes a float shortcut below the year 2106: it must never be a microsecond off
+    assert to_datetime(micros) == _EXACT_EPOCH + timedelta(microseconds=micros)
+    assert to_micros(to_datetime(micros)) == micros
+
+
+@pytest.mark.parametrize("micros", [
+    0, 1, 999_999, 1_000_000, 1_764_089_181_999_999, 2**32 * 10**6 - 1, 2**32 * 10**6,
+    2**33 * 10**6 + 999_999, MAX_MICROS,
+])
+def test_to_datetime_at_the_edges(micros: int) -> None:
+    assert to_datetime(micros) == _EXACT_EPOCH + timedelta(microseconds=micros)
+    assert to_datetime(micros).tzinfo is not None
