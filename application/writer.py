@@ -13,7 +13,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
+
+from uuid6 import uuid7
 
 from sessionledger.domain.errors import (
     CheckpointNotFound,
@@ -78,6 +80,17 @@ def _shares_nothing(event_type: str, data: dict[str, Any]) -> bool:
     return True
 
 
+def new_session_id() -> str:
+    """A new session id: a UUID version 7 (RFC 9562), whose leading bits are its creation time.
+
+    Time-ordered ids keep the B-trees keyed by session id (the events' (session, version)
+    index, snapshots, the catalog) appending near their right edge instead of touching a random
+    page per new session: on a 1M-event file that is the difference between a create that grows
+    1.2x and one that does not (benchmarks/scale.py). Ids of other versions are still accepted.
+    """
+    return str(uuid7())
+
+
 def now_us() -> int:
     """Now, in microseconds since the epoch (how timestamps are stored)."""
     return time.time_ns() // 1000
@@ -130,7 +143,7 @@ class SessionWriter:
                     return used[0]
             if parent_id is not None:
                 self.loaded(parent_id)  # SessionNotFound for an unknown parent
-            session = Session(str(uuid4()))
+            session = Session(new_session_id())
             now = now_us()
             rows = self._encode(session, GENESIS_DIGEST, [pending], actor, correlation_id, now)
             idem = None if key is None else (CREATE_SCOPE, key, session.id, 1)

@@ -239,7 +239,7 @@ def _generate(worker: int, workers: int, sessions: int, events: int, seed: int,
     _apply_committing (which also returns the snapshot rows its policy makes due), on an
     in-memory engine of the default configuration: no database is touched here.
     """
-    from uuid import uuid4
+    from sessionledger.writer import new_session_id
 
     rng = random.Random(seed * 1000 + worker)
     engine = SessionEngine("sqlite://", SessionConfig(lifecycle_hooks=False))
@@ -257,7 +257,8 @@ def _generate(worker: int, workers: int, sessions: int, events: int, seed: int,
         nxt = next(plans, None)
         if nxt is not None:
             steps, actor, probe = nxt
-            session = Session(str(uuid4()))
+            # ids as the engine makes them (time-ordered UUIDv7)
+            session = Session(new_session_id())
             live.append(_Plan(session, genesis, steps, actor))
             if probe:
                 probes.append(session.id)

@@ -622,3 +622,12 @@ def test_history_is_fresh_data(engine: SessionEngine) -> None:
     engine.history(sid)[0].data["state"]["xs"].append(2)
     assert engine.history(sid)[0].data["state"] == {"xs": [1]}
     assert engine.get(sid).state == {"xs": [1]}
+
+
+def test_new_session_ids_are_time_ordered_uuid7(engine: SessionEngine) -> None:
+    # time-ordered ids keep every B-tree keyed by session id appending at its edge
+    ids = [engine.create(f"s{i}") for i in range(50)]
+    assert all(uuid.UUID(sid).version == 7 for sid in ids)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert engine.get(uuid.UUID(ids[0])).id == ids[0]
