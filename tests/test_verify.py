@@ -113,3 +113,26 @@ def test_parallel_verify_finds_the_same(engine_factory: EngineFactory, backend: 
     assert [str(p) for p in three.problems] == [str(p) for p in one.problems]
     with pytest.raises(Exception, match="workers"):
         engine.verify(workers=0)
+
+
+def test_snapshots_are_read_in_chunks_across_sessions(engine_factory: EngineFactory,
+                                                      backend: Backend,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # chunks of 2 snapshots: the walk crosses chunk boundaries, skips the snapshots after a
+    # broken link (the next chunk starts where it is needed) and finds a bad one in a late chunk
+    from sessionledger import verify as verify_module
+
+    monkeypatch.setattr(verify_module, "SNAPSHOT_CHUNK", 2)
+    engine = engine_factory(snapshot_every=2)
+    sids = sorted(make(engine, 7) for _ in range(5))  # 8 events: snapshots at 2, 4, 6, 8
+    backend.sql("UPDATE sl_events SET actor = 'mallory' WHERE session_id = ? AND version = 3",
+                (sids[1],))
+    backend.sql("UPDATE sl_snapshots SET digest = ? WHERE session_id = ? AND version = 6",
+                (b"\x00" * 32, sids[3]))
+    backend.sql("DELETE FROM sl_snapshots WHERE session_id = ? AND version = 4", (sids[4],))
+    report = engine.verify()
+    assert [(p.session_id, p.version) for p in report.problems] == [(sids[1], 3), (sids[3], 6)]
+    assert "snapshot" in report.problems[1].what
+    # session 1 checks its snapshot at 2 only (its chain breaks at 3); session 4 has three left
+    assert report.snapshots == 4 + 1 + 4 + 4 + 3
+    assert (report.sessions, report.events) == (5, 40)
