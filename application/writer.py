@@ -331,25 +331,38 @@ class SessionWriter:
         sid, version, event_type, micros, actor, correlation, payload, _ = row
         if not _shares_nothing(event_type, data):
             data = self._codec.payloads.decode(payload, sid, version)[1]
-        self._dispatch([tuple.__new__(SessionEvent, (
-            sid, version, event_type, to_datetime(micros), actor, correlation, data, position,
-            name))])
+        event = tuple.__new__(SessionEvent, (sid, version, event_type, to_datetime(micros), actor,
+                                             correlation, data, position, name))
+        if self._delivering:  # issued by a hook: queued behind the events being delivered
+            self._hook_queue.append(event)
+            return
+        self._delivering = True
+        failed: HookFailed | None = None
+        try:
+            self.hooks.dispatch_one(event)
+        except HookFailed as error:
+            failed = error
+        finally:
+            self._delivering = False
+        if failed is not None or self._hook_queue:
+            self._dispatch([], failed)
 
-    def _dispatch(self, events: list[SessionEvent]) -> None:
-        """Run the hooks on `events`, then on whatever they queued by issuing commands."""
+    def _dispatch(self, events: list[SessionEvent], failed: HookFailed | None = None) -> None:
+        """Run the hooks on `events`, then on whatever they queued by issuing commands; raise
+        the first HookFailed (or `failed`, from an earlier delivery) once all went out."""
         # A hook may issue commands itself: their events queue behind the batch being delivered,
         # so every hook still sees each session's events in version order.
         if self._delivering:
             self._hook_queue.extend(events)
             return
         self._delivering = True
-        failed: HookFailed | None = None
         try:
             while True:
-                try:
-                    self.hooks.dispatch(events)
-                except HookFailed as error:  # hook_errors="raise": after every event went out
-                    failed = failed or error
+                if events:
+                    try:
+                        self.hooks.dispatch(events)
+                    except HookFailed as error:  # hook_errors="raise": after all went out
+                        failed = failed or error
                 if not self._hook_queue:
                     break
                 events, self._hook_queue = self._hook_queue, []

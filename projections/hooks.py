@@ -271,6 +271,39 @@ class HookRegistry:
         with self._lock:
             self._subscriptions = tuple(s for s in self._subscriptions if s is not subscription)
 
+    def dispatch_one(self, event: SessionEvent) -> None:
+        """dispatch([event]), for the engine's commonest case: a command that wrote one event
+        (no batch loop around it: a no-op hook may cost at most 2 µs an event on the append
+        path, and every tenth of a microsecond counts there: benchmarks/subscribers_bench.py).
+        """
+        if self.latency_observer is not None:
+            self.dispatch((event,))
+            return
+        failures = self._deliver_lean(event, self._subscriptions, None)
+        if failures:
+            raise HookFailed(failures) from failures[0][2]
+
+    def _deliver_lean(self, event: SessionEvent, subscriptions: tuple[HookSubscription, ...],
+                      failures: list[Failure] | None) -> list[Failure] | None:
+        """One event to every matching hook, with no clock reads: only the two filter tests and
+        the call. Returns `failures` with this event's failures added."""
+        event_type = event.type
+        session_id = event.session_id
+        for sub in subscriptions:
+            types = sub.events
+            if types is not None and event_type not in types:
+                continue
+            ids = sub.sessions
+            if ids is not None and session_id not in ids:
+                continue
+            if not sub._active:
+                continue
+            try:
+                sub.handler(event)
+            except Exception as error:
+                failures = self._failed(sub.name, event, error, failures)
+        return failures
+
     def dispatch(self, events: Sequence[SessionEvent]) -> None:
         """Deliver `events` (committed, in order) to every matching hook, event by event.
 
@@ -284,36 +317,16 @@ class HookRegistry:
         failures: list[Failure] | None = None
         observer = self.latency_observer
         if observer is None:
-            # The lean path: no clock reads, only the two filter tests and the call.
             for event in events:
-                event_type = event.type
-                session_id = event.session_id
-                for sub in subscriptions:
-                    types = sub.events
-                    if types is not None and event_type not in types:
-                        continue
-                    ids = sub.sessions
-                    if ids is not None and session_id not in ids:
-                        continue
-                    if not sub._active:
-                        continue
-                    try:
-                        sub.handler(event)
-                    except Exception as error:
-                        failures = self._failed(sub.name, event, error, failures)
+                failures = self._deliver_lean(event, subscriptions, failures)
         else:
             clock = time.perf_counter_ns
             for event in events:
                 event_type = event.type
                 session_id = event.session_id
                 for sub in subscriptions:
-                    types = sub.events
-                    if types is not None and event_type not in types:
-                        continue
-                    ids = sub.sessions
-                    if ids is not None and session_id not in ids:
-                        continue
-                    if not sub._active:
+                    if not (sub._active and (sub.events is None or event_type in sub.events)
+                            and (sub.sessions is None or session_id in sub.sessions)):
                         continue
                     started = clock()
                     try:

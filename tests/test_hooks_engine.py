@@ -865,3 +865,26 @@ def test_a_hook_mutating_nested_values_changes_no_session(engine: SessionEngine)
     assert engine.state_at(sid, version=3).state == {"notes": ["a", "b"], "cfg": {"x": 1},
                                                       "n": 1}
     assert engine.get(sid, refresh=True) == session
+
+
+def test_raise_mode_delivers_what_a_failing_hook_issued_then_raises(
+        engine_factory: EngineFactory) -> None:
+    """A hook that issues a command and then raises, on a one-event command (the lean path):
+    the command it issued is delivered to every hook, then HookFailed reaches the caller."""
+    engine = engine_factory(quiet(hook_errors="raise"))
+    recorder = Recorder()
+
+    def noisy(event: SessionEvent) -> None:
+        if event.type == "StateChanged":
+            engine.record(event.session_id, "noticed", {})
+            raise RuntimeError("after issuing a command")
+
+    engine.hooks.subscribe(noisy)
+    engine.hooks.subscribe(recorder)
+    sid = engine.create("raising", state={"n": 0})
+    with pytest.raises(HookFailed, match="after issuing a command") as raised:
+        engine.update(sid, {"n": 1})
+    assert len(raised.value.failures) == 1
+    assert [(e.version, e.type) for e in recorder.events] == [
+        (1, "SessionStarted"), (2, "StateChanged"), (3, "EventRecorded")]
+    assert engine.get(sid, refresh=True).version == 3  # nothing rolled back
