@@ -46,11 +46,28 @@ class ProjectionOutdated(SessionLedgerError):
     """The stored read model was built by another version of its projection code."""
 
 
+#: tags (as a tuple) -> their JSON text: sessions share a few tag sets, and json.dumps costs
+#: about 3 µs a row of a rebuild's 100,000 (a lookup 0.2 µs)
+_TAGS_JSON: dict[tuple[str, ...], str] = {}
+_TAGS_JSON_LIMIT = 10_000
+
+
+def _tags_json(tags: list[str]) -> str:
+    key = tuple(tags)
+    text = _TAGS_JSON.get(key)
+    if text is None:
+        text = json.dumps(tags, ensure_ascii=False)
+        if len(_TAGS_JSON) >= _TAGS_JSON_LIMIT:
+            _TAGS_JSON.clear()  # many distinct tag sets: keep memory bounded
+        _TAGS_JSON[key] = text
+    return text
+
+
 def _to_row(entry: CatalogEntry, tags_text: str | None = None) -> CatalogRow:
     """The stored row; `tags_text` is the tags' JSON when it is known already (tags never
     change after SessionStarted, so a stored row's text is reused)."""
     if tags_text is None:
-        tags_text = json.dumps(entry.tags, ensure_ascii=False)
+        tags_text = _tags_json(entry.tags)
     return (entry.session_id, entry.name, entry.status, entry.parent, entry.created_by,
             entry.created_us, entry.updated_us, entry.version, entry.event_count,
             entry.last_checkpoint, tags_text)

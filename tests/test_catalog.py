@@ -248,3 +248,17 @@ def test_catalog_equals_folding_every_event_one_by_one(engine_factory: EngineFac
         assert entry is not None
         expected[sid] = summary(entry)
     assert {item.id: item for item in engine.find()} == expected
+
+
+def test_tags_json_is_json_dumps_and_its_cache_stays_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from sessionledger import catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "_TAGS_JSON", {})
+    monkeypatch.setattr(catalog_module, "_TAGS_JSON_LIMIT", 3)
+    cases = [[], ["agent"], ["a", "b"], ['quo"te', "back\\slash"], ["ünï", "日本"], ["agent"]]
+    for tags in cases:
+        assert catalog_module._tags_json(tags) == json.dumps(tags, ensure_ascii=False)
+    assert len(catalog_module._TAGS_JSON) <= 3
