@@ -17,7 +17,7 @@ from sessionledger.domain.errors import (
     SnapshotVersionError,
 )
 from sessionledger.domain.session import Session
-from sessionledger.infrastructure.codec import EventCodec, SnapshotCodec
+from sessionledger.infrastructure.codec import EventCodec, SnapshotCodec, StoredEvent
 from sessionledger.infrastructure.store import EventStore, SnapshotRow, StoredSnapshot
 from sessionledger.projections.replay import replay
 from sessionledger.projections.snapshots import (
@@ -49,15 +49,17 @@ class SessionRepository:
 
         SessionNotFound when it has no events (or fewer than `upto`).
         """
-        stored_snapshot = self.store.latest_snapshot(sid, upto)
+        stored_snapshot, stored = self.store.snapshot_and_stream(sid, upto)
         if stored_snapshot is not None:
-            loaded = self._from_snapshot(sid, stored_snapshot, upto)
+            loaded = self._from_snapshot(sid, stored_snapshot, stored, upto)
             if loaded is not None:
                 return loaded
-        return self._from_events(sid, upto)
+            stored = self.store.stream(sid, 0, upto)  # past an unusable snapshot: every event
+        return self._from_events(sid, stored, upto)
 
-    def _from_events(self, sid: str, upto: int | None) -> tuple[Session, bytes]:
-        stored = self.store.stream(sid, 0, upto)
+    def _from_events(
+        self, sid: str, stored: list[StoredEvent], upto: int | None
+    ) -> tuple[Session, bytes]:
         if not stored:
             raise SessionNotFound(sid)
         session = Session(sid)
@@ -67,9 +69,10 @@ class SessionRepository:
         return session, stored[-1][6]
 
     def _from_snapshot(
-        self, sid: str, snapshot: StoredSnapshot, upto: int | None
+        self, sid: str, snapshot: StoredSnapshot, stored: list[StoredEvent], upto: int | None
     ) -> tuple[Session, bytes] | None:
-        """Snapshot + the events after it, or None when the snapshot cannot be used."""
+        """Snapshot + the events after it (`stored`: from the snapshot's own version on), or
+        None when the snapshot cannot be used."""
         version, format_version, flags, digest, data = snapshot
         fmt = 0 if format_version is None else format_version
         try:
@@ -79,7 +82,6 @@ class SessionRepository:
             session, head = session_from_snapshot(fields, fmt, sid, version)
             # the events from the snapshot's own version on: that first one proves the snapshot
             # sits on this chain (its digest is the snapshot's head)
-            stored = self.store.stream(sid, version - 1, upto)
             if not stored or stored[0][0] != version:
                 raise SnapshotCorrupted(sid, version, "no event at the snapshot's version")
             if head is not None and stored[0][6] != head:

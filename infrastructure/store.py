@@ -453,6 +453,35 @@ class EventStore:
         version, format_version, flags, digest, data = rows[0]
         return version, format_version, flags, bytes(digest), bytes(data)
 
+    def snapshot_and_stream(
+        self, session_id: str, upto: int | None = None
+    ) -> tuple[StoredSnapshot | None, list[StoredEvent]]:
+        """What a load reads: the latest snapshot (at or below `upto`), and the events from
+        that snapshot's own version on (from version 1 when there is none), up to `upto`.
+
+        One round trip on PostgreSQL, where each costs a network hop (measured: a cold 10-event
+        load went from 345 to 284 µs against a 1-SELECT floor of 150 to 190 µs); two statements
+        on SQLite, where a statement is a function call and the UNION query is no faster (13.7
+        against 13.0 µs for a snapshot and 5 events).
+        """
+        if self.dialect == "sqlite":
+            latest = self.latest_snapshot(session_id, upto)
+            return latest, self.stream(session_id, latest[0] - 1 if latest else 0, upto)
+        if upto is None:
+            rows = self._fetchall(self._sql.load, (session_id, session_id))
+        else:
+            rows = self._fetchall(self._sql.load_upto, (session_id, upto, session_id, upto))
+        snapshot: StoredSnapshot | None = None
+        events: list[StoredEvent] = []
+        for kind, version, event_type, micros, actor, correlation, data, digest, fmt, flags in (
+            rows
+        ):
+            if kind == 0:
+                snapshot = (version, fmt, flags, bytes(digest), bytes(data))
+            else:
+                events.append((version, event_type, micros, actor, correlation, data, digest))
+        return snapshot, events
+
     def snapshot_versions(self, session_id: str) -> list[int]:
         """The versions at which the session has snapshots, ascending."""
         return [row[0] for row in self._fetchall(self._sql.snapshot_versions, (session_id,))]
@@ -538,6 +567,21 @@ class _Statements:
                 "ORDER BY version DESC LIMIT 1"
             ),
         }
+        # A load in one round trip (PostgreSQL): the latest snapshot (at or below a version) and
+        # the events from its version on (every event when there is none), as one result:
+        # kind 0 is the snapshot row, kind 1 the events.
+        for name, upto in (("load", ""), ("load_upto", " AND version <= ?")):
+            statements[name] = (
+                "WITH snap AS (SELECT version, format_version, flags, digest, data "
+                f"FROM sl_snapshots WHERE session_id = ?{upto} ORDER BY version DESC LIMIT 1) "
+                "SELECT 0 AS kind, version, CAST(NULL AS TEXT), CAST(NULL AS BIGINT), "
+                "CAST(NULL AS TEXT), CAST(NULL AS TEXT), data, digest, format_version, flags "
+                "FROM snap UNION ALL "
+                "SELECT 1, version, type, ts, actor, correlation_id, payload, digest, "
+                "CAST(NULL AS SMALLINT), CAST(NULL AS SMALLINT) FROM sl_events "
+                "WHERE session_id = ? AND version >= COALESCE((SELECT version FROM snap), 1)"
+                f"{upto} ORDER BY 1, 2"
+            )
         for name, sql in statements.items():
             setattr(self, name, self.adapt(sql))
 
@@ -560,3 +604,5 @@ class _Statements:
     latest_snapshot: str
     latest_snapshot_upto: str
     newest_session_ids: str
+    load: str
+    load_upto: str

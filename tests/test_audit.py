@@ -253,22 +253,24 @@ def test_state_at_reads_from_the_nearest_snapshot_at_or_below(
     sid = engine.create("s", state={"n": 0})
     for n in range(1, 45):
         engine.update(sid, {"n": n})
-    reads: list[tuple[int, int | None]] = []
+    reads: list[tuple[int | None, int, int]] = []
     store = engine._store
-    stream = store.stream
+    snapshot_and_stream = store.snapshot_and_stream
 
-    def recording(session_id: str, after: int = 0, upto: int | None = None) -> Any:
-        reads.append((after, upto))
-        return stream(session_id, after, upto)
+    def recording(session_id: str, upto: int | None = None) -> Any:
+        snapshot, events = snapshot_and_stream(session_id, upto)
+        reads.append((snapshot[0] if snapshot else None, events[0][0], events[-1][0]))
+        return snapshot, events
 
-    monkeypatch.setattr(store, "stream", recording)
+    monkeypatch.setattr(store, "snapshot_and_stream", recording)
     queries = audit_of(engine)
     for version, snapshot in ((37, 30), (30, 30), (9, None), (45, 40)):
         reads.clear()
         session = queries.state_at(sid, version)
         assert session.version == version and same(session.state, {"n": version - 1})
-        # from the snapshot's own event on (it proves the snapshot is on this chain), or from 0
-        assert reads == [((snapshot - 1) if snapshot else 0, version)]
+        # one read: the snapshot and the events from its own event on (it proves the snapshot
+        # is on this chain) up to the version asked for, or every event up to it
+        assert reads == [(snapshot, snapshot or 1, version)]
 
 
 def test_state_at_a_moment(engine_factory: EngineFactory) -> None:
