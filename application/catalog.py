@@ -4,13 +4,17 @@ Each batch of events is folded (projections/catalog.py) into the rows of the ses
 touches, and the rows and the subscriber's position are written in one transaction. A rebuild
 replays the whole log into "_next" tables under a tracking name of its own (so an interrupted
 rebuild resumes), then swaps them in; queries answer from the old tables until that commit.
+A rebuild writes no tag pairs window by window: its tag table is filled from the rows' JSON
+tags in one statement, in the swap's transaction.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Connection
@@ -63,14 +67,29 @@ def _tags_json(tags: list[str]) -> str:
     return text
 
 
-def _to_row(entry: CatalogEntry, tags_text: str | None = None) -> CatalogRow:
-    """The stored row; `tags_text` is the tags' JSON when it is known already (tags never
-    change after SessionStarted, so a stored row's text is reused)."""
-    if tags_text is None:
-        tags_text = _tags_json(entry.tags)
-    return (entry.session_id, entry.name, entry.status, entry.parent, entry.created_by,
-            entry.created_us, entry.updated_us, entry.version, entry.event_count,
-            entry.last_checkpoint, tags_text)
+#: windows of at least this many positions fold with the cyclic garbage collector paused
+_GC_PAUSE_MIN = 10_000
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off meanwhile (when it was on).
+
+    A rebuild window allocates a few hundred thousand tuples and entries (fetched rows, folded
+    sessions, rows to write), none of them in reference cycles: refcounting frees them all, but
+    their allocation triggers collections that walk every live object, again and again as the
+    window's own objects pile up. Measured on a 500,000-event rebuild in windows of 100,000:
+    about 830 collections (7 full ones) costing 0.3 s of 2.9 s; none with the collector off.
+    Only its automatic runs stop: it is switched back on after, unless it was off already.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _to_entry(row: CatalogRow) -> CatalogEntry:
@@ -96,6 +115,13 @@ class CatalogConsumer:
         raise NotImplementedError("the catalog folds position windows: handle_window()")
 
     def handle_window(self, conn: Connection, after: int, upto: int) -> int:
+        """Fold the events with positions in (after, upto]; return how many there were."""
+        if upto - after < _GC_PAUSE_MIN:
+            return self._fold_window(conn, after, upto)
+        with _gc_paused():
+            return self._fold_window(conn, after, upto)
+
+    def _fold_window(self, conn: Connection, after: int, upto: int) -> int:
         """Fold the events with positions in (after, upto]; return how many there were.
 
         The same result as fold() applied event by event (the tests hold the two together):
@@ -108,38 +134,53 @@ class CatalogConsumer:
             # a live catalog built from the start of the log is this projection version's
             self.tables.set_meta(conn, VERSION_KEY, str(CATALOG_VERSION))
         totals, special = self.tables.window(conn, after, upto, SPECIAL_TYPES)
-        touched = [row[0] for row in totals]
-        stored = self.tables.load(conn, touched, self.suffix)
+        # a session whose SessionStarted (version 1: its first event, so its first position) is
+        # in this window has no stored row yet: only the others are looked up (a rebuild of
+        # 500,000 events in 100,000 sessions: 3,200 ids instead of 100,000, 0.05 s -> 0.01 s)
+        started = {row[0] for row in special if row[2] == SESSION_STARTED and row[1] == 1}
+        stored = self.tables.load(conn, [row[0] for row in totals if row[0] not in started],
+                                  self.suffix)
         entries = {row[0]: _to_entry(row) for row in stored}
+        # what the stored rows hold already: their events counted, their tags as JSON
+        counted = {row[0]: int(row[8]) for row in stored}
         tags_text = {row[0]: row[10] for row in stored}
         new_tags: list[tuple[str, str]] = []
+        # a rebuild fills its tag table once, from the rows, just before the swap
+        keep_tags = not self.suffix
         decode = self.payloads.decode
         for sid, version, event_type, micros, actor, payload in special:
             data = None
             if event_type in NEEDS_DATA:
                 schema, raw = decode(bytes(payload), sid, version)
                 data = current_data(sid, version, event_type, schema, raw)
-            entry = entries.get(sid)
-            count = entry.event_count if entry is not None else 0
-            entry = entries[sid] = fold(entry, sid, version, event_type, micros, actor, data)
-            entry.event_count = count  # counted below, with the other events
-            if event_type == SESSION_STARTED:
+            entry = entries[sid] = fold(entries.get(sid), sid, version, event_type, micros,
+                                        actor, data)
+            if event_type == SESSION_STARTED and keep_tags:
                 new_tags.extend((tag, sid) for tag in entry.tags)
         handled = 0
+        rows: list[CatalogRow] = []
+        append = rows.append
         for sid, version, micros, count in totals:
             if not 0 <= micros <= MAX_MICROS:
                 raise CorruptedData(sid, None, f"timestamp {micros} is out of range")
-            entry = entries.get(sid)
-            if entry is None:
+            found = entries.get(sid)
+            if found is None:
                 # events of a session whose start is in no window: its log begins mid-stream
                 raise CorruptedData(sid, None, "events of a session that never started")
-            entry.version = max(entry.version, int(version))
-            entry.updated_us = max(entry.updated_us, int(micros))
-            entry.event_count += int(count)
-            handled += int(count)
+            count = int(count)
+            handled += count
+            # the row straight from the entry (no writes back into the entry, no helper call;
+            # measured: 0.05 s less of 0.69 s of Python on 500,000 events): version and time are
+            # the GROUP BY's, and so is the count of this window's events (the special ones
+            # included), added to what the stored row had counted
+            text = tags_text.get(sid)
+            append((sid, found.name, found.status, found.parent, found.created_by,
+                    found.created_us, max(found.updated_us, int(micros)),
+                    max(found.version, int(version)), counted.get(sid, 0) + count,
+                    found.last_checkpoint, _tags_json(found.tags) if text is None else text))
         # written in key order: B-tree inserts of sorted random-UUID keys touch each page once
         # (measured: a third less time in executemany on a 1M-event rebuild)
-        rows = sorted(_to_row(entries[sid], tags_text.get(sid)) for sid in touched)
+        rows.sort()
         new_tags.sort()
         self.tables.write(conn, rows, new_tags, self.suffix)
         return handled
@@ -244,6 +285,7 @@ class Catalog:
             rebuilt = subs.position(REBUILD_TRACKING)
             if rebuilt < position:
                 self._rebuilder.handle_window(conn, rebuilt, position)
+            self.tables.fill_next_tags(conn)
             self.tables.swap(conn)
             subs.advance(conn, CATALOG, position)
             subs.forget(conn, REBUILD_TRACKING)

@@ -262,3 +262,89 @@ def test_tags_json_is_json_dumps_and_its_cache_stays_bounded(
     for tags in cases:
         assert catalog_module._tags_json(tags) == json.dumps(tags, ensure_ascii=False)
     assert len(catalog_module._TAGS_JSON) <= 3
+
+
+TRICKY_TAGS = ['quo"te', "back\\slash", "ünï", "日本", "🙂", "nb\u00a0sp", "line\u2028sep", "123",
+               "null", "[1]"]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_rebuild_in_small_windows_resumes_to_the_live_rows_and_tags(
+        engine_factory: EngineFactory, backend: Backend, batch: int) -> None:
+    """Sessions started in an earlier window than their later events (a stored "_next" row to
+    fold onto), tags filled from the rows at the swap whatever an interrupted run left there."""
+    engine = engine_factory()
+    ids = populate(engine)
+    odd = engine.create("odd", tags=TRICKY_TAGS, actor="carol")
+    for n in range(3):
+        engine.update(ids["agent"], {"n": n})
+        engine.update(odd, {"n": n})
+    engine.checkpoint(odd, "late")
+    engine.suspend(odd)
+    engine.resume(odd)
+    engine.create("untagged")
+    engine.find()
+    live, live_tags = catalog_rows(backend), tag_rows(backend)
+    assert {tag for tag, sid in live_tags if sid == odd} == set(TRICKY_TAGS)
+
+    class Interrupt(Exception):
+        pass
+
+    calls: list[int] = []
+
+    def stop_after_two_windows(done: int, head: int, rate: float) -> None:
+        calls.append(done)
+        if len(calls) == 2:
+            raise Interrupt
+
+    small = engine_factory()
+    small._catalog._rebuild_runner.batch_size = batch
+    with pytest.raises(Interrupt):
+        small.rebuild("catalog", progress=stop_after_two_windows)
+    assert backend.sql("SELECT COUNT(*) FROM sl_catalog_next")[0][0] > 0  # type: ignore[operator]
+    # what an interrupted run (or an older release, which wrote tags window by window) may have
+    # left in the rebuild's tag table: replaced at the swap
+    backend.sql("INSERT INTO sl_catalog_tags_next (tag, session_id) VALUES (?, ?)", ("stale", odd))
+    backend.sql("INSERT INTO sl_catalog_tags_next (tag, session_id) VALUES (?, ?)",
+                ("agent", ids["agent"]))
+    small.rebuild("catalog")
+    assert catalog_rows(backend) == live
+    assert tag_rows(backend) == live_tags
+    assert [item.id for item in small.find(tags=["日本", 'quo"te'])] == [odd]
+    # the live catalog keeps its tags current after the swap, window by window again
+    sid = engine.create("after", tags=["🙂"])
+    assert {item.id for item in engine.find(tags=["🙂"])} == {odd, sid}
+
+
+def test_large_windows_fold_with_the_collector_paused_and_restore_it(
+        engine_factory: EngineFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from sessionledger import catalog as catalog_module
+
+    engine = engine_factory()
+    populate(engine)
+    engine.find()
+    live, live_tags = catalog_rows(backend), tag_rows(backend)
+    monkeypatch.setattr(catalog_module, "_GC_PAUSE_MIN", 1)  # every window "large"
+    seen: list[bool] = []
+    fold_window = catalog_module.CatalogConsumer._fold_window
+
+    def spy(self: object, *args: object) -> int:
+        seen.append(gc.isenabled())
+        return fold_window(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(catalog_module.CatalogConsumer, "_fold_window", spy)
+    assert gc.isenabled()
+    engine.rebuild("catalog")
+    assert seen and not any(seen) and gc.isenabled()
+    assert catalog_rows(backend) == live and tag_rows(backend) == live_tags
+    gc.disable()  # a caller's choice is left alone
+    try:
+        engine.rebuild("catalog")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(ZeroDivisionError), catalog_module._gc_paused():
+        1 / 0  # noqa: B018
+    assert gc.isenabled()
