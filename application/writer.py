@@ -81,7 +81,9 @@ def _shares_nothing(event_type: str, data: dict[str, Any]) -> bool:
 
 
 def new_session_id() -> str:
-    """A new session id: a UUID version 7 (RFC 9562), whose leading bits are its creation time.
+    """A new session id: a UUID version 7 (RFC 9562), whose leading 48 bits are a millisecond
+    clock (uuid6 keeps it increasing: in bursts of several ids a millisecond it runs ahead of the
+    wall clock, so read creation times from the events, never from ids).
 
     Time-ordered ids keep the B-trees keyed by session id (the events' (session, version)
     index, snapshots, the catalog) appending near their right edge instead of touching a random
