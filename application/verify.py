@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sessionledger.domain.errors import CorruptedData, SessionLedgerError
-from sessionledger.domain.events import EVENT_SCHEMAS, MAX_MICROS
+from sessionledger.domain.events import MAX_MICROS
 from sessionledger.domain.session import Session
 from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec, chain_link
 from sessionledger.infrastructure.store import EventStore
@@ -66,17 +66,13 @@ class VerifyReport:
         return not self.problems
 
 
-class _SessionCheck:
-    """The running check of one session: its chain head, its replayed state, its snapshots."""
-
-    __slots__ = ("broken", "expected", "head", "session", "snapshots")
-
-    def __init__(self, sid: str, snapshots: list[int]) -> None:
-        self.session = Session(sid)
-        self.head = GENESIS_DIGEST
-        self.expected = 1
-        self.broken = False
-        self.snapshots = snapshots
+def _leftover_snapshots(sid: str, due: list[int], broken: bool) -> Iterator[Problem]:
+    """Snapshots the walk never reached: beyond the last event, or after a broken link (those
+    are not reported: the broken link is)."""
+    if broken:
+        return
+    for version in due:
+        yield Problem(sid, version, "snapshot of a version whose events are missing")
 
 
 def _where(session_id: str | None,
@@ -169,10 +165,10 @@ class Verifier:
         feed = _SnapshotFeed(self.store, snapshots)
         link = chain_link(self.codec.chain_key)
         decode = self.codec.payloads.decode
-        schemas = EVENT_SCHEMAS
         problems = report.problems
-        check: _SessionCheck | None = None
-        # the current session's running check, held in locals (the loop runs once per event)
+        # the current session's running check: its replayed state, chain head, next version,
+        # whether its chain broke and its snapshots still to check (locals: the loop runs once
+        # per event)
         current: str | None = None
         session = Session("")
         head = GENESIS_DIGEST
@@ -185,13 +181,11 @@ class Verifier:
         ):
             events += 1
             if sid != current:
-                if check is not None:
-                    check.broken = broken
-                    problems.extend(self._leftover_snapshots(check))
-                check = _SessionCheck(sid, snapshots.pop(sid, []))
-                current, session, head = sid, check.session, GENESIS_DIGEST
+                if current is not None:
+                    problems.extend(_leftover_snapshots(current, due, broken))
+                current, session, head = sid, Session(sid), GENESIS_DIGEST
                 expected, broken = 1, False
-                due = check.snapshots
+                due = snapshots.pop(sid, [])
                 sessions += 1
             if broken:
                 continue
@@ -212,8 +206,7 @@ class Verifier:
                 if not 0 <= micros <= MAX_MICROS:
                     raise CorruptedData(sid, version, f"timestamp {micros} is out of range")
                 schema, data = decode(payload, sid, version)
-                if type(data) is not dict or schemas.get(event_type) != schema:
-                    data = current_data(sid, version, event_type, schema, data)
+                data = current_data(sid, version, event_type, schema, data)
                 session.apply(event_type, data, version, micros)
             except CorruptedData as error:
                 problems.append(Problem(sid, version, str(error).split(": ", 1)[-1]))
@@ -229,9 +222,8 @@ class Verifier:
                 due.pop(0)
                 report.snapshots += 1
                 problems.extend(self._snapshot_problems(feed, session, version, digest))
-        if check is not None:
-            check.broken = broken
-            problems.extend(self._leftover_snapshots(check))
+        if current is not None:
+            problems.extend(_leftover_snapshots(current, due, broken))
         report.sessions, report.events = sessions, events
         for sid, versions in snapshots.items():  # snapshots of sessions with no events at all
             report.snapshots += len(versions)
@@ -249,14 +241,6 @@ class Verifier:
         for sid, version in rows:
             versions.setdefault(sid, []).append(int(version))
         return versions
-
-    def _leftover_snapshots(self, check: _SessionCheck) -> Iterator[Problem]:
-        """Snapshots the walk never reached: beyond the last event, or after a broken link."""
-        if check.broken:
-            return
-        for version in check.snapshots:
-            yield Problem(check.session.id, version,
-                          "snapshot of a version whose events are missing")
 
     def _snapshot_problems(self, feed: _SnapshotFeed, session: Session, version: int,
                            event_digest: bytes) -> Iterator[Problem]:
