@@ -380,13 +380,13 @@ class SessionWriter:
         if not rows:
             return []
         before = session.version
+        due = False
         for (event_type, data), row in zip(pending, rows, strict=True):
             session.apply(event_type, data, row[1], now)
+            if event_type in SNAPSHOT_ON:
+                due = True
         every = self.config.snapshot_every
-        due = (every and before // every != session.version // every) or any(
-            event_type in SNAPSHOT_ON for event_type, _ in pending
-        )
-        if not due:
+        if not due and not (every and before // every != session.version // every):
             return []
         return [self._repository.snapshot_row(session, rows[-1][7], now)]
 

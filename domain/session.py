@@ -125,15 +125,16 @@ class Session:
         """StateChanged for a delta; nothing when the delta changes nothing."""
         self._require("update", SessionStatus.ACTIVE)
         to_set = checked_mapping(changes, "state")
-        if delete is None:
-            delete = []
-        elif isinstance(delete, str) or not isinstance(delete, list | tuple | set | frozenset):
-            raise InvalidArgument("delete must be a list of state keys")
-        for key in delete:
-            if not isinstance(key, str):
-                raise InvalidArgument(f"delete key {key!r} is not a str")
-        to_delete = sorted({k for k in delete if k in self.state and k not in to_set})
         state = self.state
+        if delete is None:
+            to_delete: list[str] = []
+        else:
+            if isinstance(delete, str) or not isinstance(delete, list | tuple | set | frozenset):
+                raise InvalidArgument("delete must be a list of state keys")
+            for key in delete:
+                if not isinstance(key, str):
+                    raise InvalidArgument(f"delete key {key!r} is not a str")
+            to_delete = sorted({k for k in delete if k in state and k not in to_set})
         to_set = {k: v for k, v in to_set.items() if k not in state or not same_value(state[k], v)}
         if not to_set and not to_delete:
             return []

@@ -26,42 +26,61 @@ MAX_LABEL_LENGTH = 256
 _SCALARS = (str, float, bool, type(None), datetime, UUID, Decimal)
 
 
+#: where a value sits, built only when a message needs it: the root's name, or (parent, key)
+#: with a str key of a dict or an int index of a list (a tuple costs a third of the f-string
+#: each key would otherwise format on every command)
+KeyPath = str | tuple["KeyPath", "str | int"]
+
+
+def key_path(at: KeyPath) -> str:
+    """The text of a key path: state.a.b, payload[3]."""
+    keys: list[str | int] = []
+    while type(at) is tuple:
+        at, key = at
+        keys.append(key)
+    text = str(at)
+    for key in reversed(keys):
+        text += f"[{key}]" if type(key) is int else f".{key}"
+    return text
+
+
 def checked_copy(value: Any, path: str) -> Any:
     """Return a copy of `value` safe to store, or raise UnsupportedValue naming the path."""
     return _checked(value, path, 0)
 
 
-def _checked(value: Any, path: str, depth: int) -> Any:
+def _checked(value: Any, at: KeyPath, depth: int) -> Any:
     kind = type(value)
     if kind is str:
         # msgpack carries UTF-8: a lone surrogate cannot travel (isascii keeps the common case
         # to one C-speed scan)
         if not value.isascii():
-            _check_encodable(value, path)
+            _check_encodable(value, at)
         return value
     if kind is float or kind is bool or value is None:
         return value
     if kind is int:
         if MIN_INT <= value <= MAX_INT:
             return value
-        raise UnsupportedValue(path, "integer outside the 64-bit range")
+        raise UnsupportedValue(key_path(at), "integer outside the 64-bit range")
     if kind is dict:
         if depth >= MAX_DEPTH:
-            raise UnsupportedValue(path, f"nested deeper than {MAX_DEPTH} levels")
+            raise UnsupportedValue(key_path(at), f"nested deeper than {MAX_DEPTH} levels")
         out = {}
         for key, item in value.items():
             if type(key) is not str:
                 raise UnsupportedValue(
-                    f"{path}[{key!r}]", f"dict key of type {type(key).__name__}, keys must be str"
+                    f"{key_path(at)}[{key!r}]",
+                    f"dict key of type {type(key).__name__}, keys must be str",
                 )
             if not key.isascii():
-                _check_encodable(key, f"{path}[{key!r}]")
-            out[key] = _checked(item, f"{path}.{key}", depth + 1)
+                _check_encodable(key, f"{key_path(at)}[{key!r}]")
+            out[key] = _checked(item, (at, key), depth + 1)
         return out
     if kind is list or kind is tuple:
         if depth >= MAX_DEPTH:
-            raise UnsupportedValue(path, f"nested deeper than {MAX_DEPTH} levels")
-        return [_checked(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+            raise UnsupportedValue(key_path(at), f"nested deeper than {MAX_DEPTH} levels")
+        return [_checked(item, (at, i), depth + 1) for i, item in enumerate(value)]
     if kind is bytes:
         return value
     if kind is bytearray or kind is memoryview:
@@ -71,13 +90,13 @@ def _checked(value: Any, path: str, depth: int) -> Any:
     if isinstance(value, _SCALARS) and not isinstance(value, bool | int):
         # subclasses of str/float and datetime/UUID/Decimal (str-enums are stored as plain str)
         if isinstance(value, str):
-            return _checked(str(value), path, depth)
+            return _checked(str(value), at, depth)
         if isinstance(value, float):
             return float(value)
         return value
     if isinstance(value, int) and not isinstance(value, bool):
-        return _checked(int(value), path, depth)
-    raise UnsupportedValue(path, f"type {kind.__name__} is not supported")
+        return _checked(int(value), at, depth)
+    raise UnsupportedValue(key_path(at), f"type {kind.__name__} is not supported")
 
 
 def _stored_datetime(moment: datetime) -> datetime:
@@ -90,12 +109,13 @@ def _stored_datetime(moment: datetime) -> datetime:
     return moment if offset is None else moment.replace(tzinfo=timezone(offset))
 
 
-def _check_encodable(text: str, path: str) -> None:
+def _check_encodable(text: str, at: KeyPath) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
         raise UnsupportedValue(
-            path, f"str with a lone surrogate at position {error.start} is not valid Unicode"
+            key_path(at),
+            f"str with a lone surrogate at position {error.start} is not valid Unicode",
         ) from None
 
 

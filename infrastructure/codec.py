@@ -244,24 +244,44 @@ class EventCodec:
         not match (a changed byte, an event moved from elsewhere) or bytes that do not decode.
         """
         decoded: list[DecodedEvent] = []
+        append = decoded.append
         expected = after + 1
-        link = chain_link(self.chain_key)  # its own: a link function is not thread-safe
+        # The chain link and the common payload (uncompressed) are inlined: a 1,000-event load
+        # spends most of its time in this loop, and the two calls cost about 0.25 µs an event.
+        # A hasher of its own (reset between links): hashers are not thread-safe.
+        hasher = blake3.blake3() if self.chain_key is None else blake3.blake3(key=self.chain_key)
+        reset, update, hash_digest = hasher.reset, hasher.update, hasher.digest
+        pack = _header_packer.pack
+        unpack = msgpack.unpackb
         decode = self.payloads.decode
         for version, event_type, micros, actor, correlation_id, payload, digest in stored:
             if version != expected:
                 raise CorruptedData(session_id, expected, f"event version {expected} is missing")
             if not 0 <= micros <= MAX_MICROS:
                 raise CorruptedData(session_id, version, f"timestamp {micros} is out of range")
-            head = link(head, session_id, version, event_type, micros, actor, correlation_id,
-                        payload)
+            reset()
+            update(head + pack((session_id, version, event_type, micros, actor, correlation_id))
+                   + payload)
+            head = hash_digest()
             if head != digest:
                 raise CorruptedData(
                     session_id, version,
                     "the event does not match its chain digest (changed, moved or written "
                     "with another integrity_key)",
                 )
-            schema, data = decode(payload, session_id, version)
-            decoded.append((version, event_type, micros, actor, correlation_id, schema, data))
+            try:
+                if payload[0]:  # flags: compressed (or unknown) bodies take the general path
+                    schema, data = decode(payload, session_id, version)
+                else:
+                    schema = payload[1]
+                    data = unpack(payload[2:], ext_hook=_ext_hook, raw=False,
+                                  strict_map_key=True)
+            except CorruptedData:
+                raise
+            except Exception:
+                # the general path fails the same way, with the message it always gives
+                schema, data = decode(payload, session_id, version)
+            append((version, event_type, micros, actor, correlation_id, schema, data))
             expected += 1
         return decoded
 

@@ -54,8 +54,12 @@ def replay(session: Session, events: Iterable[DecodedEvent]) -> None:
     """Apply `events`, which follow `session.version` in order, to `session`."""
     apply = session.apply
     session_id = session.id
+    schemas = EVENT_SCHEMAS
     for version, event_type, micros, _actor, _correlation, schema, data in events:
-        data = current_data(session_id, version, event_type, schema, data)
+        if type(data) is not dict or schemas.get(event_type) != schema:
+            # current_data's checks, called only when the event is not already a map in its
+            # type's current schema (a call per event costs 0.1 µs of a 1.5 µs budget)
+            data = current_data(session_id, version, event_type, schema, data)
         try:
             apply(event_type, data, version, micros)
         except (KeyError, TypeError, AttributeError, ValueError) as error:
