@@ -8,6 +8,7 @@ afterwards never changes what the engine holds.
 
 from __future__ import annotations
 
+import re
 import struct
 import unicodedata
 from datetime import datetime, timezone
@@ -193,8 +194,15 @@ def checked_tags(value: Any) -> list[str]:
     return tags
 
 
+#: a session id already in canonical form (what str(UUID(...)) gives): taken as it is, without
+#: building a UUID (2.5 µs of a 45 µs cold load; the match costs 0.3)
+_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def parse_session_id(value: object) -> str:
     """The canonical string form of a session id (a UUID or its text), or InvalidSessionId."""
+    if type(value) is str and _CANONICAL_ID.fullmatch(value):
+        return value
     if isinstance(value, UUID):
         return str(value)
     if isinstance(value, str):

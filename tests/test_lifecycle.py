@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import pytest
 from _helpers import EVENT_TYPE_NAMES, snapshot
+from conftest import EngineFactory
 
 from sessionledger import (
     CheckpointNotFound,
@@ -478,6 +479,24 @@ def test_same_checkpoint_label_in_two_sessions(engine: SessionEngine) -> None:
 
 
 # -- get() ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capacity", [0, 10])
+def test_changing_what_get_returned_changes_nothing_stored(engine_factory: EngineFactory,
+                                                            capacity: int) -> None:
+    # with no working set get() hands over the session it read without copying it: nothing
+    # else holds it, so a caller changing it must still change nothing the engine serves
+    engine = engine_factory(max_active_sessions=capacity)
+    sid = engine.create("a", state={"s": {"y": [1]}}, metadata={"m": [1]})
+    s = engine.get(sid)
+    s.state["s"]["y"].append(2)
+    s.metadata["m"].append(2)
+    s.version = 99
+    assert engine.update(sid, {"z": 1}) == 2
+    fresh = engine.get(sid)
+    assert fresh.state == {"s": {"y": [1]}, "z": 1}
+    assert fresh.metadata == {"m": [1]}
+    assert engine.get(sid) is not engine.get(sid)
 
 
 def test_get_returns_a_copy(engine: SessionEngine) -> None:

@@ -423,3 +423,16 @@ def test_to_datetime_is_exact_at_every_microsecond(micros: int) -> None:
 def test_to_datetime_at_the_edges(micros: int) -> None:
     assert to_datetime(micros) == _EXACT_EPOCH + timedelta(microseconds=micros)
     assert to_datetime(micros).tzinfo is not None
+
+
+def test_session_id_forms_all_mean_the_canonical_id() -> None:
+    from sessionledger.domain.values import parse_session_id
+
+    canonical = "0192f3a4-5b6c-7d8e-9f01-23456789abcd"
+    forms = [canonical, canonical.upper(), "{" + canonical + "}", "urn:uuid:" + canonical,
+             canonical.replace("-", ""), uuid.UUID(canonical)]
+    for form in forms:
+        assert parse_session_id(form) == canonical, form
+    for bad in [canonical + "\n", " " + canonical, canonical[:-1] + "g", canonical[:-1]]:
+        with pytest.raises(InvalidArgument):
+            parse_session_id(bad)
