@@ -8,14 +8,13 @@ concurrency, the idempotency key if given) -> commit -> the in-process hooks get
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
-
-from uuid6 import uuid7
 
 from sessionledger.domain.errors import (
     CheckpointNotFound,
@@ -80,17 +79,36 @@ def _shares_nothing(event_type: str, data: dict[str, Any]) -> bool:
     return True
 
 
+#: the millisecond clock of the last id new_session_id() made (ids never go back in time)
+_last_id_ms = 0
+_random_bits = secrets.randbits
+
+
 def new_session_id() -> str:
     """A new session id: a UUID version 7 (RFC 9562), whose leading 48 bits are a millisecond
-    clock (uuid6 keeps it increasing: in bursts of several ids a millisecond it runs ahead of the
-    wall clock, so read creation times from the events, never from ids).
+    clock kept increasing (as the `uuid6` package does it: in bursts of several ids a
+    millisecond it runs ahead of the wall clock, so read creation times from the events, never
+    from ids), then 74 random bits.
 
     Time-ordered ids keep the B-trees keyed by session id (the events' (session, version)
     index, snapshots, the catalog) appending near their right edge instead of touching a random
     page per new session: on a 1M-event file that is the difference between a create that grows
     1.2x and one that does not (benchmarks/scale.py). Ids of other versions are still accepted.
+
+    Written here rather than taken from `uuid6`: building its UUID object and formatting it
+    cost 2.6 µs of a create whose budget over the raw INSERT is 30; this costs 1.4 µs.
     """
-    return str(uuid7())
+    global _last_id_ms
+    ms = time.time_ns() // 1_000_000
+    if ms <= _last_id_ms:
+        ms = _last_id_ms + 1
+    _last_id_ms = ms
+    rand = _random_bits(74)
+    # 48 bits of clock, version 7, 12 random bits, variant 0b10, 62 random bits
+    value = ((ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 62) << 64 | 0x2 << 62
+             | (rand & 0x3FFF_FFFF_FFFF_FFFF))
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def now_us() -> int:

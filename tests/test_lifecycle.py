@@ -650,3 +650,20 @@ def test_new_session_ids_are_time_ordered_uuid7(engine: SessionEngine) -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     assert engine.get(uuid.UUID(ids[0])).id == ids[0]
+    for sid in ids:
+        parsed = uuid.UUID(sid)
+        assert parsed.variant == uuid.RFC_4122 and str(parsed) == sid  # canonical text
+    # the leading 48 bits are the creation millisecond (or, in a burst, just after it)
+    first_ms = uuid.UUID(ids[0]).int >> 80
+    created_ms = engine.get(ids[0]).created_us // 1000
+    assert created_ms - 1000 <= first_ms <= created_ms + 1000
+
+
+def test_session_ids_are_random_beyond_their_clock() -> None:
+    from sessionledger.writer import new_session_id
+
+    ids = [uuid.UUID(new_session_id()) for _ in range(2000)]
+    random_parts = {u.int & ((1 << 74) - 1) for u in ids}  # what is left without clock bits
+    assert len(random_parts) == len(ids)
+    low_bits = [u.int & 0xFF for u in ids]
+    assert len(set(low_bits)) > 200  # 2,000 draws over 256 values: all but a few show up
