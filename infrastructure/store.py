@@ -9,6 +9,7 @@ Why the DBAPI connection and not SQLAlchemy Core on the hot path: on this kind o
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sqlite3
 import threading
@@ -398,6 +399,11 @@ class EventStore:
     def scan(self, sql: str, params: Sequence[Any] = (), batch: int = 2000) -> Iterator[Any]:
         """Stream the rows of one read statement (qmark parameters) in batches, on a connection
         of its own so a long scan never holds up commands. Constant memory."""
+        # the batches flattened in C: a generator resumed per row cost 0.15 µs of verify's 5
+        return itertools.chain.from_iterable(self._scan_batches(sql, params, batch))
+
+    def _scan_batches(self, sql: str, params: Sequence[Any], batch: int
+                      ) -> Iterator[Sequence[Any]]:
         with self.storage_errors("read from"):
             fairy = self.engine.raw_connection()
         try:
@@ -411,7 +417,7 @@ class EventStore:
                     rows = cursor.fetchmany(batch)
                     if not rows:
                         return
-                    yield from rows
+                    yield rows
             except self._dbapi_error as error:
                 raise StorageError(
                     f"read from {safe_url(self.url)} failed: {one_line(error)}"
