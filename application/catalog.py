@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 from sessionledger.domain.errors import CorruptedData, InvalidArgument, SessionLedgerError
 from sessionledger.domain.events import MAX_MICROS, SESSION_STARTED, to_micros
 from sessionledger.infrastructure.catalog_store import NEXT, CatalogRow, CatalogStore
-from sessionledger.infrastructure.codec import PayloadCodec
+from sessionledger.infrastructure.codec import PayloadCodec, blob
 from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore
 from sessionledger.projections.catalog import (
     CATALOG_VERSION,
@@ -151,7 +151,7 @@ class CatalogConsumer:
         for sid, version, event_type, micros, actor, payload in special:
             data = None
             if event_type in NEEDS_DATA:
-                schema, raw = decode(bytes(payload), sid, version)
+                schema, raw = decode(blob(payload), sid, version)
                 data = current_data(sid, version, event_type, schema, raw)
             entry = entries[sid] = fold(entries.get(sid), sid, version, event_type, micros,
                                         actor, data)
@@ -161,8 +161,8 @@ class CatalogConsumer:
         rows: list[CatalogRow] = []
         append = rows.append
         for sid, version, micros, count in totals:
-            if not 0 <= micros <= MAX_MICROS:
-                raise CorruptedData(sid, None, f"timestamp {micros} is out of range")
+            if type(micros) is not int or not 0 <= micros <= MAX_MICROS:
+                raise CorruptedData(sid, None, f"timestamp {micros!r} is out of range")
             found = entries.get(sid)
             if found is None:
                 # events of a session whose start is in no window: its log begins mid-stream

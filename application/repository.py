@@ -76,6 +76,8 @@ class SessionRepository:
         version, format_version, flags, digest, data = snapshot
         fmt = 0 if format_version is None else format_version
         try:
+            if type(fmt) is not int:  # SQLite keeps any type in any column
+                raise SnapshotCorrupted(sid, version, f"snapshot format {fmt!r} is not a number")
             if fmt > CURRENT_FORMAT:
                 raise SnapshotVersionError(sid, version, fmt, CURRENT_FORMAT)
             fields = self.snapshots.decode(flags, digest, data, sid, version)

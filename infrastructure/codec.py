@@ -144,6 +144,17 @@ class PayloadCodec:
             raise CorruptedData(session_id, version, f"payload does not decode ({error})") from None
 
 
+def blob(value: object) -> bytes:
+    """A BLOB column's value as bytes. SQLite keeps any type in any column, so a damaged row may
+    hold a number or text where bytes belong: those become bytes that fail every digest check
+    (never bytes(n), which makes n zero bytes and can exhaust memory)."""
+    if type(value) is bytes:
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    return repr(value).encode()
+
+
 def chain_hasher(key: bytes | None = None) -> Any:
     """A blake3 hasher for a loop over many chain links (loads, verify): reset it between links
     (a new blake3 object costs 0.2 µs more than a reset), and hash what chain_digest hashes.
@@ -238,11 +249,15 @@ class EventCodec:
         for version, event_type, micros, actor, correlation_id, payload, digest in stored:
             if version != expected:
                 raise CorruptedData(session_id, expected, f"event version {expected} is missing")
-            if not 0 <= micros <= MAX_MICROS:
-                raise CorruptedData(session_id, version, f"timestamp {micros} is out of range")
+            if type(micros) is not int or not 0 <= micros <= MAX_MICROS:
+                raise CorruptedData(session_id, version, f"timestamp {micros!r} is out of range")
             reset()
-            update(head + pack((session_id, version, event_type, micros, actor, correlation_id))
-                   + payload)
+            try:
+                update(head + pack((session_id, version, event_type, micros, actor,
+                                    correlation_id)) + payload)
+            except TypeError:  # SQLite keeps any type in any column: a number for the payload
+                raise CorruptedData(session_id, version, "the stored payload is not bytes"
+                                    ) from None
             head = hash_digest()
             if head != digest:
                 raise CorruptedData(

@@ -25,7 +25,7 @@ from sqlalchemy.pool import QueuePool, StaticPool
 from sessionledger.domain.errors import StorageError
 
 from . import schema
-from .codec import EventRow, StoredEvent
+from .codec import EventRow, StoredEvent, blob
 
 #: one snapshot as stored: (session_id, version, format_version, flags, digest, data, ts)
 SnapshotRow = tuple[str, int, int | None, int, bytes, bytes, int]
@@ -457,7 +457,7 @@ class EventStore:
         if not rows:
             return None
         version, format_version, flags, digest, data = rows[0]
-        return version, format_version, flags, bytes(digest), bytes(data)
+        return version, format_version, flags, blob(digest), blob(data)
 
     def snapshot_and_stream(
         self, session_id: str, upto: int | None = None
@@ -483,7 +483,7 @@ class EventStore:
             rows
         ):
             if kind == 0:
-                snapshot = (version, fmt, flags, bytes(digest), bytes(data))
+                snapshot = (version, fmt, flags, blob(digest), blob(data))
             else:
                 events.append((version, event_type, micros, actor, correlation, data, digest))
         return snapshot, events
