@@ -163,6 +163,8 @@ class CatalogConsumer:
         for sid, version, micros, count in totals:
             if type(micros) is not int or not 0 <= micros <= MAX_MICROS:
                 raise CorruptedData(sid, None, f"timestamp {micros!r} is out of range")
+            if type(version) is not int:  # SQLite keeps any type in any column
+                raise CorruptedData(sid, None, f"a stored version is {version!r}, not a number")
             found = entries.get(sid)
             if found is None:
                 # events of a session whose start is in no window: its log begins mid-stream

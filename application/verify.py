@@ -174,7 +174,7 @@ class Verifier:
         every session, and return the report."""
         report = VerifyReport()
         where, params = _where(session_id, shard)
-        snapshots = self._snapshot_versions(where, params)
+        snapshots = self._snapshot_versions(where, params, report)
         feed = _SnapshotFeed(self.store, snapshots)
         # the chain link and the common (uncompressed) payload inlined, as in EventCodec.decode:
         # two calls fewer per event
@@ -283,15 +283,22 @@ class Verifier:
                             for v in versions)
         return report
 
-    def _snapshot_versions(self, where: str, params: tuple[str, ...]) -> dict[str, list[int]]:
+    def _snapshot_versions(self, where: str, params: tuple[str, ...],
+                           report: VerifyReport) -> dict[str, list[int]]:
         """session id -> versions of its snapshots, ascending (only ints are kept per
-        session: a few per hundred events)."""
+        session: a few per hundred events). A version that is not a number (SQLite keeps any
+        type in any column) is reported here."""
         versions: dict[str, list[int]] = {}
         rows = self.store.query(
             f"SELECT session_id, version FROM sl_snapshots{where} ORDER BY session_id, version",
             params)
         for sid, version in rows:
-            versions.setdefault(sid, []).append(int(version))
+            if type(version) is not int:
+                report.snapshots += 1
+                report.problems.append(
+                    Problem(sid, None, f"a snapshot's version is {version!r}, not a number"))
+                continue
+            versions.setdefault(sid, []).append(version)
         return versions
 
     def _snapshot_problems(self, found: StoredRow, session: Session, version: int,

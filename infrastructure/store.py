@@ -22,7 +22,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import QueuePool, StaticPool
 
-from sessionledger.domain.errors import StorageError
+from sessionledger.domain.errors import CorruptedData, StorageError
 
 from . import schema
 from .codec import EventRow, StoredEvent, blob
@@ -472,7 +472,10 @@ class EventStore:
         """
         if self.dialect == "sqlite":
             latest = self.latest_snapshot(session_id, upto)
-            return latest, self.stream(session_id, latest[0] - 1 if latest else 0, upto)
+            # a version that is not a number (a damaged row: SQLite keeps any type in any
+            # column) reads every event; the repository then skips that snapshot
+            start = latest[0] - 1 if latest and type(latest[0]) is int else 0
+            return latest, self.stream(session_id, start, upto)
         if upto is None:
             rows = self._fetchall(self._sql.load, (session_id, session_id))
         else:
@@ -489,8 +492,10 @@ class EventStore:
         return snapshot, events
 
     def snapshot_versions(self, session_id: str) -> list[int]:
-        """The versions at which the session has snapshots, ascending."""
-        return [row[0] for row in self._fetchall(self._sql.snapshot_versions, (session_id,))]
+        """The versions at which the session has snapshots, ascending (a damaged row whose
+        version is not a number is left out: SQLite keeps any type in any column)."""
+        rows = self._fetchall(self._sql.snapshot_versions, (session_id,))
+        return [row[0] for row in rows if type(row[0]) is int]
 
     def session_ids(self) -> list[str]:
         """Every session with events, oldest first."""
@@ -503,7 +508,12 @@ class EventStore:
     def latest_version(self, session_id: str) -> int:
         """The highest stored version of a session (0 when it has none)."""
         rows = self._fetchall(self._sql.latest_version, (session_id,))
-        return int(rows[0][0] or 0) if rows else 0
+        value = rows[0][0] if rows else None
+        if value is None:
+            return 0
+        if type(value) is not int:  # SQLite keeps any type in any column
+            raise CorruptedData(session_id, None, f"a stored version is {value!r}, not a number")
+        return value
 
     def idempotent_result(self, scope: str, key: str) -> tuple[str, int] | None:
         """(session_id, version) the first command with this key produced, if any."""

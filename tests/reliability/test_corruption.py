@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -405,9 +406,10 @@ EVENT_DAMAGE: dict[str, tuple[EventDamage, int]] = {
     "ts-text": (_set(3, ts="yesterday"), 3),
     "actor-a-number": (_set(3, actor=42), 3),
     "type-a-number": (_set(3, type=7), 3),
+    "version-text": (_set(3, version="three"), 3),
 }
 SQLITE_ONLY_EVENT_DAMAGE = {"payload-a-huge-number", "payload-text", "digest-a-number", "ts-text",
-                            "actor-a-number", "type-a-number"}
+                            "actor-a-number", "type-a-number", "version-text"}
 
 
 def damaged(backend: Backend, wrong_type: bool, act: Callable[[], object]) -> bool:
@@ -753,3 +755,63 @@ def test_case_counts() -> None:
           f"3 below a snapshot: {total} per backend")
     assert issubclass(CorruptedData, SessionLedgerError)
 
+
+
+#: (table, column, value of the wrong type) put in the row of version 3 of a session
+WRONG_TYPES = {
+    "event-payload-a-number": ("sl_events", "payload", 2**40),
+    "event-payload-text": ("sl_events", "payload", "x"),
+    "event-ts-text": ("sl_events", "ts", "yesterday"),
+    "event-digest-a-number": ("sl_events", "digest", 7),
+    "event-type-a-number": ("sl_events", "type", 7),
+    "event-actor-a-number": ("sl_events", "actor", 42),
+    "event-version-text": ("sl_events", "version", "three"),
+    "snapshot-data-a-number": ("sl_snapshots", "data", 2**40),
+    "snapshot-version-text": ("sl_snapshots", "version", "x"),
+    "snapshot-format-text": ("sl_snapshots", "format_version", "one"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_TYPES))
+def test_values_of_the_wrong_type_are_errors_never_crashes(tmp_path: Path, case: str) -> None:
+    """SQLite keeps any type in any column. Whatever a damaged row holds, every read (audit
+    queries, the catalog and its rebuild included) answers or raises a SessionLedgerError."""
+    import sqlite3
+
+    table, column, value = WRONG_TYPES[case]
+    url = f"sqlite:///{tmp_path / 'wrong-types.db'}"
+    config = SessionConfig(snapshot_every=3, lifecycle_hooks=False, max_active_sessions=0)
+    with SessionEngine(url, config) as engine:
+        sid = engine.create("s", state={"a": 0})
+        for i in range(5):
+            engine.update(sid, {"a": i + 1})
+    db = sqlite3.connect(tmp_path / "wrong-types.db")
+    db.execute(f"UPDATE {table} SET {column} = ? WHERE session_id = ? AND version = 3",
+               (value, sid))
+    db.commit()
+    db.close()
+    with SessionEngine(url, config) as engine:
+        assert not engine.verify().ok
+        reads: dict[str, Callable[[], object]] = {
+            "get": lambda: engine.get(sid),
+            "history": lambda: engine.history(sid),
+            "state_at 2": lambda: engine.state_at(sid, version=2),
+            "state_at 4": lambda: engine.state_at(sid, version=4),
+            "diff": lambda: engine.diff(sid, 1, 5),
+            "blame": lambda: engine.blame(sid, "a"),
+            "timeline": lambda: list(engine.timeline()),
+            "verify": lambda: engine.verify(),
+            "rebuild": lambda: engine.rebuild("catalog"),
+            "find": lambda: engine.find(),
+            "update": lambda: engine.update(sid, {"b": 1}),
+            "rebuild_snapshots": lambda: engine.rebuild_snapshots(),  # a repair: the last
+        }
+        crashes = []
+        for name, read in reads.items():
+            try:
+                read()
+            except SessionLedgerError:
+                pass
+            except Exception as error:
+                crashes.append(f"{name}: {type(error).__name__}: {error}")
+        assert not crashes, "\n".join(crashes)
