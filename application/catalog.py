@@ -93,8 +93,20 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _to_entry(row: CatalogRow) -> CatalogEntry:
-    return CatalogEntry(row[0], row[1], row[2], row[3], row[4], int(row[5]), int(row[6]),
-                        int(row[7]), int(row[8]), row[9], json.loads(row[10]))
+    try:
+        tags = json.loads(row[10])
+        if type(tags) is not list:
+            raise ValueError(f"tags {row[10]!r} are not a list")
+        return CatalogEntry(row[0], row[1], row[2], row[3], row[4], int(row[5]), int(row[6]),
+                            int(row[7]), int(row[8]), row[9], tags)
+    except (TypeError, ValueError) as error:  # SQLite keeps any type in any column
+        raise _damaged_row(row[0], error) from None
+
+
+def _damaged_row(session_id: str, error: Exception) -> CorruptedData:
+    return CorruptedData(session_id, None, f"its catalog row is damaged ({error}): the catalog "
+                                           "is a read model, rebuild it with "
+                                           "engine.rebuild('catalog')")
 
 
 @dataclass
@@ -207,10 +219,14 @@ class Catalog:
     # -- versions ---------------------------------------------------------------------------
 
     def stored_version(self) -> int | None:
-        """The projection version that built the stored catalog (None: never built)."""
+        """The projection version that built the stored catalog (None: never built; -1: a
+        value that is no version, a damaged row, which makes the catalog outdated)."""
         rows = self.subscriptions.store.query("SELECT value FROM sl_meta WHERE key = ?",
                                               (VERSION_KEY,))
-        return int(rows[0][0]) if rows else None
+        if not rows:
+            return None
+        text = str(rows[0][0])
+        return int(text) if text.isdigit() else -1
 
     def outdated(self) -> bool:
         """True when the stored catalog was built by another projection version."""
@@ -253,7 +269,13 @@ class Catalog:
         )
         more = len(rows) > limit
         rows = rows[:limit]
-        items = [summary(_to_entry(row)) for row in rows]
+        items = []
+        for row in rows:
+            entry = _to_entry(row)
+            try:
+                items.append(summary(entry))
+            except ValueError as error:  # a status no SessionStatus has
+                raise _damaged_row(entry.session_id, error) from None
         next_cursor = f"{rows[-1][6]}.{rows[-1][0]}" if more else None
         return Page(items, next_cursor)
 

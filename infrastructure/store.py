@@ -218,7 +218,7 @@ class EventStore:
             row = conn.execute(
                 sa.select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
             ).first()
-            if row is not None and int(row[0]) > schema.SCHEMA_VERSION:
+            if row is not None and self._schema_number(row[0]) > schema.SCHEMA_VERSION:
                 raise StorageError(
                     f"database {safe_url(self.url)} has schema version {row[0]}, newer "
                     f"than this release reads ({schema.SCHEMA_VERSION}): upgrade sessionledger"
@@ -240,7 +240,15 @@ class EventStore:
             ):
                 return None  # a new database
             raise
-        return None if value is None else int(value)
+        return None if value is None else self._schema_number(value)
+
+    def _schema_number(self, value: object) -> int:
+        text = str(value)
+        if not text.isdigit():
+            raise StorageError(
+                f"database {safe_url(self.url)} records schema version {value!r}, which is "
+                "not a number: not a sessionledger database, or a damaged one")
+        return int(text)
 
     @contextlib.contextmanager
     def storage_errors(self, doing: str) -> Iterator[None]:
@@ -518,7 +526,13 @@ class EventStore:
     def idempotent_result(self, scope: str, key: str) -> tuple[str, int] | None:
         """(session_id, version) the first command with this key produced, if any."""
         rows = self._fetchall(self._sql.select_idempotency, (scope, key))
-        return (rows[0][0], rows[0][1]) if rows else None
+        if not rows:
+            return None
+        session_id, version = rows[0]
+        if type(version) is not int:  # SQLite keeps any type in any column
+            raise CorruptedData(session_id, None, f"the record of idempotency key {key!r} "
+                                                  f"holds version {version!r}, not a number")
+        return session_id, version
 
 
 class _Statements:

@@ -22,7 +22,20 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from sessionledger.domain.errors import StorageError
+
 from .store import EVENTS_CHANNEL, EventStore
+
+
+def tracked(name: str, position: object) -> int:
+    """A tracking row's position, which SQLite may hold as any type (a damaged row): a
+    StorageError that says so rather than a ValueError from deep inside a catch-up."""
+    if type(position) is int:
+        return position
+    raise StorageError(
+        f"subscriber {name!r} is tracked at {position!r}, not a position: the sl_tracking row "
+        "is damaged (delete it to replay that subscriber from the start; "
+        "for the catalog, engine.rebuild('catalog'))")
 
 #: one event as a subscriber reads it: (position, session_id, version, type, ts, actor,
 #: correlation_id, payload)
@@ -58,12 +71,12 @@ class SubscriptionStore:
     def positions(self) -> dict[str, int]:
         """Every tracked subscriber's position."""
         rows = self.store.query("SELECT name, position FROM sl_tracking ORDER BY name")
-        return {name: int(position) for name, position in rows}
+        return {name: tracked(name, position) for name, position in rows}
 
     def position(self, name: str) -> int:
         """A subscriber's tracked position (0 when it never ran)."""
         rows = self.store.query("SELECT position FROM sl_tracking WHERE name = ?", (name,))
-        return int(rows[0][0]) if rows else 0
+        return tracked(name, rows[0][0]) if rows else 0
 
     # -- transactions ----------------------------------------------------------------------
 
@@ -90,7 +103,7 @@ class SubscriptionStore:
                     "SELECT position FROM sl_tracking WHERE name = :n FOR UPDATE"),
                     {"n": name}).first()
             try:
-                yield conn, int(row[0]) if row else 0
+                yield conn, tracked(name, row[0]) if row else 0
             except BaseException:
                 conn.rollback()
                 raise

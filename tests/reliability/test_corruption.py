@@ -815,3 +815,59 @@ def test_values_of_the_wrong_type_are_errors_never_crashes(tmp_path: Path, case:
             except Exception as error:
                 crashes.append(f"{name}: {type(error).__name__}: {error}")
         assert not crashes, "\n".join(crashes)
+
+
+#: damage to the engine's bookkeeping rows (read model, tracking, idempotency, meta)
+BOOKKEEPING_DAMAGE = {
+    "catalog-version-text": "UPDATE sl_catalog SET version = 'x'",
+    "catalog-tags-not-json": "UPDATE sl_catalog SET tags = '[not json'",
+    "catalog-tags-not-a-list": "UPDATE sl_catalog SET tags = '{}'",
+    "catalog-status-unknown": "UPDATE sl_catalog SET status = 'HIJACKED'",
+    "tracking-position-text": "UPDATE sl_tracking SET position = 'x'",
+    "idempotency-version-text": "UPDATE sl_idempotency SET version = 'x'",
+    "meta-schema-version-text": "UPDATE sl_meta SET value = 'x' WHERE key = 'schema_version'",
+    "meta-catalog-version-text":
+        "UPDATE sl_meta SET value = 'x' WHERE key = 'projection:catalog'",
+}
+
+
+@pytest.mark.parametrize("case", list(BOOKKEEPING_DAMAGE))
+def test_damaged_bookkeeping_rows_are_errors_never_crashes(tmp_path: Path, case: str) -> None:
+    import sqlite3
+
+    path = tmp_path / "bookkeeping.db"
+    url = f"sqlite:///{path}"
+    config = SessionConfig(lifecycle_hooks=False, max_active_sessions=0)
+    with SessionEngine(url, config) as engine:
+        sid = engine.create("s", tags=["t"])
+        engine.update(sid, {"a": 1}, idempotency_key="k1")
+        assert len(engine.find(tags=["t"])) == 1  # the catalog caught up: its rows exist
+    db = sqlite3.connect(path)
+    assert db.execute(BOOKKEEPING_DAMAGE[case]).rowcount >= 1
+    db.commit()
+    db.close()
+    crashes: list[str] = []
+    try:
+        engine = SessionEngine(url, config)
+    except SessionLedgerError:
+        assert case == "meta-schema-version-text"  # no engine on a database it cannot read
+        return
+    with engine:
+        reads: dict[str, Callable[[], object]] = {
+            "find": lambda: engine.find(),
+            "find by tag": lambda: engine.find(tags=["t"]),
+            "retried update": lambda: engine.update(sid, {"a": 1}, idempotency_key="k1"),
+            "get": lambda: engine.get(sid),
+            "rebuild": lambda: engine.rebuild("catalog"),
+        }
+        for name, read in reads.items():
+            try:
+                answer = read()
+            except SessionLedgerError:
+                continue
+            except Exception as error:
+                crashes.append(f"{name}: {type(error).__name__}: {error}")
+                continue
+            if name == "retried update":
+                assert answer == 2, answer  # never the damaged value itself
+    assert not crashes, "\n".join(crashes)
