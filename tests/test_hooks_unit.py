@@ -309,8 +309,18 @@ def test_error_observer_is_told_of_every_failure(make: Stream) -> None:
     assert metrics.snapshot()["hook_errors_total"] == {"flaky": 2}
 
 
+def _deliver(registry: HookRegistry, how: str, events: list[SessionEvent]) -> None:
+    """registry.dispatch(events), or dispatch_one for each (the engine's one-event path)."""
+    if how == "dispatch":
+        registry.dispatch(events)
+        return
+    for event in events:
+        registry.dispatch_one(event)
+
+
+@pytest.mark.parametrize("how", ["dispatch", "dispatch_one"])
 def test_a_failing_latency_observer_is_isolated_like_a_hook(
-    make: Stream, caplog: pytest.LogCaptureFixture
+    make: Stream, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
     registry = HookRegistry()
     log: list[tuple[str, str, int]] = []
@@ -322,7 +332,7 @@ def test_a_failing_latency_observer_is_isolated_like_a_hook(
     registry.subscribe(Recorder("a", log))
     registry.subscribe(Recorder("b", log))
     with caplog.at_level(logging.ERROR, logger="sessionledger.hooks"):
-        registry.dispatch([make(A, "SessionStarted")])
+        _deliver(registry, how, [make(A, "SessionStarted")])
     assert log == [("a", A, 1), ("b", A, 1)]
     assert registry.errors == 2
 
@@ -330,13 +340,16 @@ def test_a_failing_latency_observer_is_isolated_like_a_hook(
 # -- latency --------------------------------------------------------------------------------------
 
 
-def test_latency_observer_gets_each_call_by_hook_name(make: Stream) -> None:
+@pytest.mark.parametrize("how", ["dispatch", "dispatch_one"])
+def test_latency_observer_gets_each_call_by_hook_name(make: Stream, how: str) -> None:
     registry = HookRegistry()
     calls: list[tuple[str, int]] = []
     registry.latency_observer = lambda name, ns: calls.append((name, ns))
     registry.subscribe(Recorder(), name="rec")
     registry.subscribe(boom, name="boom", events=["StateChanged"])
-    registry.dispatch([make(A, "SessionStarted"), make(A, "StateChanged")])
+    registry.subscribe(Recorder(), name="other-session", sessions=[B])
+    registry.subscribe(Recorder(), name="gone").unsubscribe()
+    _deliver(registry, how, [make(A, "SessionStarted"), make(A, "StateChanged")])
     assert [name for name, _ in calls] == ["rec", "rec", "boom"]  # failed calls are timed too
     assert all(isinstance(ns, int) and ns >= 0 for _, ns in calls)
 
