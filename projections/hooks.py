@@ -276,18 +276,16 @@ class HookRegistry:
         (no batch loop around it: a no-op hook may cost at most 2 µs an event on the append
         path, and every tenth of a microsecond counts there: benchmarks/subscribers_bench.py).
         """
-        observer = self.latency_observer
-        if observer is None:
-            failures = self._deliver_lean(event, self._subscriptions, None)
-        else:
-            failures = self._deliver_timed(event, self._subscriptions, None, observer)
+        failures = self._deliver(event, self._subscriptions, None, self.latency_observer)
         if failures:
             raise HookFailed(failures) from failures[0][2]
 
-    def _deliver_lean(self, event: SessionEvent, subscriptions: tuple[HookSubscription, ...],
-                      failures: list[Failure] | None) -> list[Failure] | None:
-        """One event to every matching hook, with no clock reads: only the two filter tests and
-        the call. Returns `failures` with this event's failures added."""
+    def _deliver(self, event: SessionEvent, subscriptions: tuple[HookSubscription, ...],
+                 failures: list[Failure] | None,
+                 observer: LatencyObserver | None) -> list[Failure] | None:
+        """One event to every matching hook: the two filter tests and the call, timed and told
+        to `observer` when there is one (the engine's default, for the MetricsHook). Returns
+        `failures` with this event's failures added."""
         event_type = event.type
         session_id = event.session_id
         for sub in subscriptions:
@@ -299,10 +297,19 @@ class HookRegistry:
                 continue
             if not sub._active:
                 continue
+            started = 0 if observer is None else time.perf_counter_ns()
             try:
                 sub.handler(event)
             except Exception as error:
                 failures = self._failed(sub.name, event, error, failures)
+            if observer is None:  # no clock read at all without an observer
+                continue
+            elapsed = time.perf_counter_ns() - started
+            try:
+                observer(sub.name, elapsed)
+            except Exception as error:
+                # A broken observer must not cost the other hooks their events either.
+                failures = self._failed(hook_name(observer), event, error, failures)
         return failures
 
     def dispatch(self, events: Sequence[SessionEvent]) -> None:
@@ -317,47 +324,10 @@ class HookRegistry:
             return
         failures: list[Failure] | None = None
         observer = self.latency_observer
-        if observer is None:
-            for event in events:
-                failures = self._deliver_lean(event, subscriptions, failures)
-        else:
-            for event in events:
-                failures = self._deliver_timed(event, subscriptions, failures, observer)
+        for event in events:
+            failures = self._deliver(event, subscriptions, failures, observer)
         if failures:
             raise HookFailed(failures) from failures[0][2]
-
-    def _deliver_timed(self, event: SessionEvent, subscriptions: tuple[HookSubscription, ...],
-                       failures: list[Failure] | None,
-                       observer: LatencyObserver) -> list[Failure] | None:
-        """_deliver_lean with each handler call timed and told to `observer` (the engine's
-        default, for the MetricsHook: one-event commands come here straight from dispatch_one,
-        1 to 2.5 µs less per command than through dispatch). Its filter loop repeats
-        _deliver_lean's on purpose: a clock branch per hook there would tax the untimed path,
-        whose no-op hook may cost 2 µs in all."""
-        clock = time.perf_counter_ns
-        event_type = event.type
-        session_id = event.session_id
-        for sub in subscriptions:
-            types = sub.events
-            if types is not None and event_type not in types:
-                continue
-            ids = sub.sessions
-            if ids is not None and session_id not in ids:
-                continue
-            if not sub._active:
-                continue
-            started = clock()
-            try:
-                sub.handler(event)
-            except Exception as error:
-                failures = self._failed(sub.name, event, error, failures)
-            elapsed = clock() - started
-            try:
-                observer(sub.name, elapsed)
-            except Exception as error:
-                # A broken observer must not cost the other hooks their events either.
-                failures = self._failed(hook_name(observer), event, error, failures)
-        return failures
 
     def _failed(
         self, name: str, event: SessionEvent, error: Exception, failures: list[Failure] | None
