@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Connection
 
 from sessionledger.domain.errors import CorruptedData, InvalidArgument, SessionLedgerError
-from sessionledger.domain.events import MAX_MICROS, SESSION_STARTED, to_micros
+from sessionledger.domain.events import (
+    SESSION_STARTED,
+    stored_micros,
+    stored_version,
+    to_micros,
+)
 from sessionledger.infrastructure.catalog_store import NEXT, CatalogRow, CatalogStore
 from sessionledger.infrastructure.codec import PayloadCodec, blob
 from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore
@@ -173,10 +178,8 @@ class CatalogConsumer:
         rows: list[CatalogRow] = []
         append = rows.append
         for sid, version, micros, count in totals:
-            if type(micros) is not int or not 0 <= micros <= MAX_MICROS:
-                raise CorruptedData(sid, None, f"timestamp {micros!r} is out of range")
-            if type(version) is not int:  # SQLite keeps any type in any column
-                raise CorruptedData(sid, None, f"a stored version is {version!r}, not a number")
+            stored_micros(sid, None, micros)
+            stored_version(sid, version)
             found = entries.get(sid)
             if found is None:
                 # events of a session whose start is in no window: its log begins mid-stream

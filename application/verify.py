@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sessionledger.domain.errors import CorruptedData, SessionLedgerError
-from sessionledger.domain.events import EVENT_SCHEMAS, MAX_MICROS
+from sessionledger.domain.events import EVENT_SCHEMAS, stored_micros
 from sessionledger.domain.session import Session
 from sessionledger.infrastructure.codec import (
     GENESIS_DIGEST,
@@ -227,8 +227,7 @@ class Verifier:
                 broken = True
                 continue
             try:
-                if type(micros) is not int or not 0 <= micros <= MAX_MICROS:
-                    raise CorruptedData(sid, version, f"timestamp {micros!r} is out of range")
+                stored_micros(sid, version, micros)
                 schema, data = decode(payload, sid, version)
                 if type(data) is not dict or schemas.get(event_type) != schema:
                     data = current_data(sid, version, event_type, schema, data)

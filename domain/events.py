@@ -98,11 +98,24 @@ def to_datetime(micros: int) -> datetime:
     return EPOCH + timedelta(microseconds=micros)
 
 
-def event_time(session_id: str, version: int | None, micros: int) -> datetime:
-    """A stored timestamp as a datetime; CorruptedData when no datetime can hold it."""
+def stored_micros(session_id: str, version: int | None, micros: object) -> int:
+    """A stored timestamp, checked: CorruptedData when it is not an int a datetime can hold
+    (SQLite keeps any type in any column)."""
     if type(micros) is not int or not 0 <= micros <= MAX_MICROS:
         raise CorruptedData(session_id, version, f"timestamp {micros!r} is out of range")
-    return to_datetime(micros)
+    return micros
+
+
+def stored_version(session_id: str, version: object) -> int:
+    """A stored version, checked: CorruptedData when it is not an int (a damaged SQLite row)."""
+    if type(version) is not int:
+        raise CorruptedData(session_id, None, f"a stored version is {version!r}, not a number")
+    return version
+
+
+def event_time(session_id: str, version: int | None, micros: int) -> datetime:
+    """A stored timestamp as a datetime; CorruptedData when no datetime can hold it."""
+    return to_datetime(stored_micros(session_id, version, micros))
 
 
 def to_micros(moment: datetime) -> int:

@@ -28,7 +28,7 @@ from sessionledger.domain.errors import (
     SnapshotCorrupted,
     UnsupportedValue,
 )
-from sessionledger.domain.events import MAX_MICROS, DecodedEvent
+from sessionledger.domain.events import DecodedEvent, stored_micros
 
 EXT_DATETIME = 1
 EXT_UUID = 2
@@ -253,8 +253,7 @@ class EventCodec:
         for version, event_type, micros, actor, correlation_id, payload, digest in stored:
             if version != expected:
                 raise CorruptedData(session_id, expected, f"event version {expected} is missing")
-            if type(micros) is not int or not 0 <= micros <= MAX_MICROS:
-                raise CorruptedData(session_id, version, f"timestamp {micros!r} is out of range")
+            stored_micros(session_id, version, micros)
             reset()
             try:
                 update(head + pack((session_id, version, event_type, micros, actor,

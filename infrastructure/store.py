@@ -23,6 +23,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import QueuePool, StaticPool
 
 from sessionledger.domain.errors import CorruptedData, StorageError
+from sessionledger.domain.events import stored_version
 
 from . import schema
 from .codec import EventRow, StoredEvent, blob
@@ -517,11 +518,7 @@ class EventStore:
         """The highest stored version of a session (0 when it has none)."""
         rows = self._fetchall(self._sql.latest_version, (session_id,))
         value = rows[0][0] if rows else None
-        if value is None:
-            return 0
-        if type(value) is not int:  # SQLite keeps any type in any column
-            raise CorruptedData(session_id, None, f"a stored version is {value!r}, not a number")
-        return value
+        return 0 if value is None else stored_version(session_id, value)
 
     def idempotent_result(self, scope: str, key: str) -> tuple[str, int] | None:
         """(session_id, version) the first command with this key produced, if any."""
