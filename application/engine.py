@@ -58,18 +58,30 @@ from .subscribers import (
     SubscriberThread,
     checked_subscription,
 )
-from .verify import Verifier, VerifyReport, merge, shards
+from .verify import Verifier, VerifyReport, merge, run_pieces, shards
 from .writer import Decision, SessionWriter, checked_meta, now_us
 
 #: a log longer than this is verified by several processes by default
 _PARALLEL_VERIFY_FROM = 200_000
 
 
-def _verify_shard(url: str, config: SessionConfig,
-                  shard: tuple[str | None, str | None]) -> VerifyReport:
-    """verify() of one shard of sessions, in a worker process."""
+#: pieces of the log per process of a parallel verify (see run_pieces)
+_VERIFY_PIECES_PER_PROCESS = 8
+#: a verify worker process's share of the piece counter (set as the process starts)
+_verify_counter: Any = None
+
+
+def _start_verify_worker(counter: Any) -> None:
+    global _verify_counter
+    _verify_counter = counter
+
+
+def _verify_pieces(url: str, config: SessionConfig,
+                   pieces: list[tuple[str | None, str | None]]) -> list[VerifyReport]:
+    """verify() of the pieces of the log this worker process gets to take first."""
     with SessionEngine(url, config) as engine:
-        return Verifier(engine._store, engine._codec, engine._repository).run(shard=shard)
+        verifier = Verifier(engine._store, engine._codec, engine._repository)
+        return run_pieces(verifier, pieces, _verify_counter)
 
 
 class _EngineCollector(Collector):
@@ -662,16 +674,31 @@ class SessionEngine:
         verifier = Verifier(self._store, self._codec, self._repository)
         if sid is not None or workers == 1 or not shared:
             return verifier.run(sid)
-        ranges = shards(self._store, workers)
-        if len(ranges) == 1:
-            return verifier.run()
         url = self._store.url.render_as_string(hide_password=False)
         config = dataclasses.replace(self.config, lifecycle_hooks=False, auto_rebuild=False)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(len(ranges) - 1, mp_context=context) as pool:
-            others = [pool.submit(_verify_shard, url, config, shard) for shard in ranges[1:]]
-            reports = [verifier.run(shard=ranges[0])]
-            reports.extend(future.result() for future in others)
+        counter = context.Value("i", 0)
+        # This process starts on the pieces at once; the workers take pieces once they are up
+        # (a spawned worker spends 0.2 s importing). Measured on 500,000 events, 2 CPUs,
+        # alternating runs: equal shards 2.62-2.72 µs an event, pieces 2.44-2.53.
+        # The workers are started first (a no-op task each: processes start on demand), so
+        # their imports overlap the query that cuts the pieces.
+        pool = ProcessPoolExecutor(workers - 1, mp_context=context,
+                                   initializer=_start_verify_worker, initargs=(counter,))
+        try:
+            for _ in range(workers - 1):
+                pool.submit(int)
+            pieces = shards(self._store, workers * _VERIFY_PIECES_PER_PROCESS)
+            others = [pool.submit(_verify_pieces, url, config, pieces)
+                      for _ in range(workers - 1)]
+            reports = run_pieces(verifier, pieces, counter)
+            if len(reports) < len(pieces):  # the workers took the rest
+                for future in others:
+                    reports.extend(future.result())
+        finally:
+            # not waiting for the workers to exit: each has closed its engine by the time its
+            # result is in, and one that got no piece may still be importing
+            pool.shutdown(wait=False, cancel_futures=True)
         return merge(reports)
 
     # -- observability -------------------------------------------------------------------------

@@ -102,15 +102,45 @@ def _where(session_id: str | None,
 
 
 def shards(store: EventStore, count: int) -> list[tuple[str | None, str | None]]:
-    """`count` ranges of session ids holding about as many sessions each, covering every id
-    (a session whose first event is missing still falls in one)."""
+    """`count` ranges (fewer when there are fewer sessions) of session ids holding about as
+    many sessions each, covering every id (a session whose first event is missing still falls
+    in one)."""
     ids = [row[0] for row in store.query(
         "SELECT session_id FROM sl_events WHERE version = 1 ORDER BY session_id")]
-    if count <= 1 or len(ids) < count:
+    count = min(count, len(ids))
+    if count <= 1:
         return [(None, None)]
     cuts = [ids[len(ids) * i // count] for i in range(1, count)]
     bounds: list[str | None] = [None, *cuts, None]
     return list(itertools.pairwise(bounds))
+
+
+def claim(counter: Any, total: int) -> int | None:
+    """The index of the next piece nobody has taken yet (None when all are taken), from a
+    multiprocessing Value shared by every process of a parallel verify."""
+    with counter.get_lock():
+        index: int = counter.value
+        if index >= total:
+            return None
+        counter.value = index + 1
+    return index
+
+
+def run_pieces(verifier: Verifier, pieces: list[tuple[str | None, str | None]],
+               counter: Any) -> list[VerifyReport]:
+    """Check pieces as long as there are pieces nobody has taken: each process of a parallel
+    verify runs this, so a process that starts late (a spawned worker imports for about 0.2 s)
+    takes fewer pieces instead of finishing last. If it fails, it takes every piece left so
+    that the others stop after the piece they are on."""
+    reports: list[VerifyReport] = []
+    try:
+        while (index := claim(counter, len(pieces))) is not None:
+            reports.append(verifier.run(shard=pieces[index]))
+    except BaseException:
+        with counter.get_lock():
+            counter.value = len(pieces)
+        raise
+    return reports
 
 
 def merge(reports: list[VerifyReport]) -> VerifyReport:
@@ -173,7 +203,9 @@ class Verifier:
         where, params = _where(session_id, shard)
         snapshots = self._snapshot_versions(where, params, report)
         feed = _SnapshotFeed(self.store, snapshots)
-        # the chain link inlined, as in EventCodec.decode: a call fewer per event
+        # the chain link inlined, as in EventCodec.decode: a call fewer per event (the
+        # timestamp check and payload decode stay calls: inlined as in the load loop, they
+        # measured 1% faster here, within noise)
         hasher = chain_hasher(self.codec.chain_key)
         reset, update, hash_digest = hasher.reset, hasher.update, hasher.digest
         pack = header_packer.pack

@@ -139,9 +139,22 @@ class CatalogStore:
     def swap(self, conn: Connection) -> None:
         """Replace the live tables by the rebuilt ones, with the live indexes (in the caller's
         transaction: readers see the old catalog until it commits)."""
-        for name in ("sl_catalog", "sl_catalog_tags"):
-            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
-            conn.exec_driver_sql(f"ALTER TABLE {name}{NEXT} RENAME TO {name}")
+        secure = None
+        if self.dialect == "sqlite":
+            # Debian's SQLite (and others) are built with SECURE_DELETE, which zeroes every page
+            # a DROP frees: the whole old catalog written again. Its content is all derived
+            # from the events, which stay in this file, so zeroing it hides nothing; FAST
+            # zeroes only within pages written anyway. Measured on a 100,000-session catalog:
+            # the swap 0.38 -> 0.21 s, a 500,000-event rebuild 1.96 -> 1.70 s.
+            secure = conn.exec_driver_sql("PRAGMA secure_delete").scalar()
+            conn.exec_driver_sql("PRAGMA secure_delete=FAST")
+        try:
+            for name in ("sl_catalog", "sl_catalog_tags"):
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+                conn.exec_driver_sql(f"ALTER TABLE {name}{NEXT} RENAME TO {name}")
+        finally:
+            if secure is not None:  # purges, on this pooled connection too, zero what they free
+                conn.exec_driver_sql(f"PRAGMA secure_delete={int(secure)}")
         if self.dialect == "postgresql":
             # PostgreSQL keeps the primary key's own name through a rename: give it back the
             # live name so the next rebuild's "_next" key does not collide with it

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from _helpers import Backend
 from conftest import EngineFactory
 
@@ -158,6 +161,41 @@ def test_rebuilt_catalog_equals_the_live_one(engine_factory: EngineFactory,
     # and a second rebuild works too (index and key names survived the swap)
     engine.rebuild("catalog")
     assert len(catalog_rows(backend)) == len(live) + 1
+
+
+def test_a_rebuild_leaves_secure_delete_as_it_found_it(tmp_path: Path) -> None:
+    """The swap drops the old catalog with SQLite's secure_delete at FAST (it holds only what
+    the events hold) and must put the connection's setting back: a purge on that pooled
+    connection later must zero what it frees if the build says so. (A SQLite setting:
+    PostgreSQL has nothing to restore.)"""
+    with SessionEngine(f"sqlite:///{tmp_path / 'secure.db'}") as engine:
+        populate(engine)
+        engine.find()
+        pool_engine = engine._store.engine
+        with pool_engine.connect() as conn:
+            before = conn.exec_driver_sql("PRAGMA secure_delete").scalar()
+        seen: list[int] = []
+        while_dropping: list[int] = []
+
+        def secure_delete(dbapi_connection: Any) -> int:
+            return int(dbapi_connection.execute("PRAGMA secure_delete").fetchone()[0])
+
+        def on_checkin(dbapi_connection: Any, _record: object) -> None:
+            seen.append(secure_delete(dbapi_connection))
+
+        def on_execute(conn: sa.Connection, _cursor: object, statement: str, *_: object) -> None:
+            if statement.startswith("DROP TABLE IF EXISTS sl_catalog"):
+                while_dropping.append(secure_delete(conn.connection.dbapi_connection))
+
+        sa.event.listen(pool_engine, "checkin", on_checkin)
+        sa.event.listen(pool_engine, "before_cursor_execute", on_execute)
+        try:
+            engine.rebuild("catalog")
+        finally:
+            sa.event.remove(pool_engine, "checkin", on_checkin)
+            sa.event.remove(pool_engine, "before_cursor_execute", on_execute)
+        assert while_dropping == [2, 2]  # FAST while the old tables are dropped
+        assert seen and set(seen) == {before}
 
 
 def test_interrupted_rebuild_resumes(engine_factory: EngineFactory, backend: Backend) -> None:

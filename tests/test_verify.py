@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
 import pytest
 from _helpers import Backend
 from conftest import EngineFactory
 
-from sessionledger import SessionEngine
+from sessionledger import SessionConfig, SessionEngine, StorageError, VerifyReport
+from sessionledger import engine as engine_module
+from sessionledger.verify import Verifier, claim, merge, run_pieces, shards
 
 
 def make(engine: SessionEngine, n: int = 8) -> str:
@@ -101,7 +106,7 @@ def test_integrity_key_protects_the_chain(engine_factory: EngineFactory) -> None
 def test_parallel_verify_finds_the_same(engine_factory: EngineFactory, backend: Backend) -> None:
     engine = engine_factory(snapshot_every=3)
     sids = sorted(make(engine, 4) for _ in range(6))
-    damaged = sids[-1]  # in the last shard: checked by a worker process
+    damaged = sids[-1]  # in the last piece (which process takes it is not fixed)
     backend.sql("UPDATE sl_events SET actor = 'mallory' WHERE session_id = ? AND version = 2",
                 (damaged,))
     one = engine.verify(workers=1)
@@ -113,6 +118,58 @@ def test_parallel_verify_finds_the_same(engine_factory: EngineFactory, backend: 
     assert [str(p) for p in three.problems] == [str(p) for p in one.problems]
     with pytest.raises(Exception, match="workers"):
         engine.verify(workers=0)
+
+
+@pytest.mark.timeout(120)
+def test_a_verify_worker_process_takes_the_pieces_nobody_took(
+        engine_factory: EngineFactory, backend: Backend) -> None:
+    """The worker side of a parallel verify, in a spawned process: with one piece already
+    taken (as if by the engine's own process), it checks the others and reports them."""
+    engine = engine_factory(snapshot_every=3)
+    sids = sorted(make(engine, 4) for _ in range(6))
+    backend.sql("UPDATE sl_events SET actor = 'mallory' WHERE session_id = ? AND version = 2",
+                (sids[-1],))
+    pieces = shards(engine._store, 3)
+    assert len(pieces) == 3
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("i", 1)
+    config = SessionConfig(lifecycle_hooks=False, auto_rebuild=False)
+    with ProcessPoolExecutor(1, mp_context=context, initializer=engine_module._start_verify_worker,
+                             initargs=(counter,)) as pool:
+        reports = pool.submit(engine_module._verify_pieces, backend.url, config, pieces).result()
+    assert counter.value == 3 and len(reports) == 2
+    worker = merge(reports)
+    first = Verifier(engine._store, engine._codec, engine._repository).run(shard=pieces[0])
+    whole = engine.verify(workers=1)
+    assert worker.sessions + first.sessions == whole.sessions == 6
+    assert worker.events + first.events == whole.events
+    assert [str(p) for p in worker.problems] == [str(p) for p in whole.problems]
+
+
+class _FailingVerifier:
+    def __init__(self) -> None:
+        self.ran: list[tuple[str | None, str | None] | None] = []
+
+    def run(self, session_id: str | None = None,
+            shard: tuple[str | None, str | None] | None = None) -> VerifyReport:
+        self.ran.append(shard)
+        if len(self.ran) == 2:
+            raise StorageError("disk gone")
+        return VerifyReport(sessions=1)
+
+
+def test_a_failing_verify_process_stops_the_others_taking_pieces() -> None:
+    pieces: list[tuple[str | None, str | None]] = [(None, "b"), ("b", "c"), ("c", "d"),
+                                                  ("d", None)]
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    verifier = _FailingVerifier()
+    with pytest.raises(StorageError):
+        run_pieces(verifier, pieces, counter)  # type: ignore[arg-type]
+    assert verifier.ran == pieces[:2]
+    assert counter.value == len(pieces)  # nothing left for anyone else
+    assert claim(counter, len(pieces)) is None
+    fresh = multiprocessing.get_context("spawn").Value("i", 0)
+    assert [claim(fresh, 2), claim(fresh, 2), claim(fresh, 2)] == [0, 1, None]
 
 
 def test_snapshots_are_read_in_chunks_across_sessions(engine_factory: EngineFactory,
