@@ -241,19 +241,29 @@ class EventCodec:
         CorruptedData (naming session and version) for a missing version, a digest that does
         not match (a changed byte, an event moved from elsewhere) or bytes that do not decode.
         """
-        decoded: list[DecodedEvent] = []
-        append = decoded.append
+        self._check_chain(session_id, stored, after, head)
+        # every payload is now byte for byte what a writer stored
+        values = self._unpack_together(stored)
+        if values is None:  # one at a time: a payload that does not decode is named
+            decode = self.payloads.decode
+            return [(version, event_type, micros, actor, correlation_id,
+                     *decode(payload, session_id, version))
+                    for version, event_type, micros, actor, correlation_id, payload, _ in stored]
+        return [(version, event_type, micros, actor, correlation_id, payload[1], data)
+                for (version, event_type, micros, actor, correlation_id, payload, _), data
+                in zip(stored, values, strict=True)]
+
+    def _check_chain(self, session_id: str, stored: list[StoredEvent], after: int,
+                     head: bytes) -> None:
+        """CorruptedData at the first event that is not the next version, has a timestamp out
+        of range or does not match its chain digest."""
         expected = after + 1
-        # A 1,000-event load spends most of its time in this loop, so the chain link, the
-        # timestamp check and the uncompressed payload path are inlined here (verify calls
-        # stored_micros and PayloadCodec.decode, which these repeat: measured, the two calls
-        # cost a load 6 to 17% of its decode, 1,412-1,529 against 1,628-1,655 µs).
+        # A 1,000-event load spends most of its time in this loop, so the chain link and the
+        # timestamp check are inlined (stored_micros, which raises, is called only on damage).
         # A hasher of its own (reset between links): hashers are not thread-safe.
         hasher = chain_hasher(self.chain_key)
         reset, update, hash_digest = hasher.reset, hasher.update, hasher.digest
         pack = header_packer.pack
-        unpack = msgpack.unpackb
-        decode = self.payloads.decode
         for version, event_type, micros, actor, correlation_id, payload, digest in stored:
             if version != expected:
                 raise CorruptedData(session_id, expected, f"event version {expected} is missing")
@@ -273,20 +283,39 @@ class EventCodec:
                     "the event does not match its chain digest (changed, moved or written "
                     "with another integrity_key)",
                 )
-            try:
-                if payload[0]:  # compressed (or unknown flags): the general path
-                    schema, data = decode(payload, session_id, version)
-                else:
-                    schema = payload[1]
-                    data = unpack(payload[2:], ext_hook=_ext_hook, raw=False,
-                                  strict_map_key=True)
-            except CorruptedData:
-                raise
-            except Exception:
-                schema, data = decode(payload, session_id, version)  # fails with its message
-            append((version, event_type, micros, actor, correlation_id, schema, data))
             expected += 1
-        return decoded
+
+    @staticmethod
+    def _unpack_together(stored: list[StoredEvent]) -> list[Any] | None:
+        """The payloads' values, unpacked from their bodies joined into one buffer: one
+        unpacker run instead of a call per event (measured on a 1,000-event load: the decode
+        1,300 -> 1,060 µs). None when a payload is compressed (or has unknown flags) or has no
+        body, or the bodies do not give exactly one value each: the caller then decodes them
+        one at a time, which names the payload at fault.
+
+        Only for chain-checked payloads: each is one value as a writer packed it, so the joined
+        bodies split where the payloads do. (Bytes made to pass the chain, possible without an
+        integrity key, could hold two values in one payload and none in the next: verify(),
+        which unpacks each payload on its own, reports such a payload.)
+        """
+        bodies: list[bytes] = []
+        add = bodies.append
+        for row in stored:
+            payload = row[5]
+            if len(payload) < 3 or payload[0]:  # no body (damage), or compressed
+                return None
+            add(payload[2:])
+        joined = b"".join(bodies)
+        unpacker = msgpack.Unpacker(ext_hook=_ext_hook, raw=False, strict_map_key=True,
+                                    max_buffer_size=max(len(joined), 1))
+        unpacker.feed(joined)
+        try:
+            values = list(unpacker)
+        except Exception:
+            return None
+        if len(values) != len(stored) or unpacker.tell() != len(joined):
+            return None
+        return values
 
 
 #: the snapshot format this release writes; it reads every format up to this one

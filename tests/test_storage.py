@@ -365,6 +365,58 @@ def test_undecodable_payload_is_corrupted_data(engine_factory: EngineFactory,
     assert reader.get(damaged["neighbour"]).state == {"ok": True}
 
 
+def _forge(backend: Backend, sid: str, version: int, payload: bytes) -> None:
+    """Replace one payload and write the chain again from there, as someone with write access
+    and no integrity key could: the chain holds, only the decoder can object."""
+    rows = _rows(backend, sid)
+    head = GENESIS_DIGEST
+    for row_version, event_type, ts, actor, correlation_id, stored, _digest in rows:
+        body = payload if row_version == version else bytes(stored)
+        head = chain_digest(head, sid, row_version, event_type, ts, actor, correlation_id, body)
+        backend.sql("UPDATE sl_events SET payload = ?, digest = ? WHERE session_id = ? AND "
+                    "version = ?", (body, head, sid, row_version))
+
+
+# Payloads that pass the chain but are not one value each: loads unpack the bodies of a stream
+# together and must still name the event at fault (they decode one at a time to find it)
+FORGED: dict[str, tuple[int, Callable[[bytes], bytes]]] = {
+    "two values": (2, lambda p: p + msgpack.packb({"set": {}, "delete": []})),
+    "no body": (2, lambda p: p[:2]),
+    "one byte": (4, lambda p: p[:1]),
+    "invalid msgpack": (4, lambda p: p[:2] + b"\xc1"),
+    "half a value": (2, lambda p: p[: len(p) - 3]),
+    "bad ext value": (4, lambda p: p[:2] + msgpack.packb(msgpack.ExtType(1, b"not a time"))),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED))
+def test_payloads_forged_onto_the_chain_are_named_by_version(
+        engine_factory: EngineFactory, backend: Backend, case: str) -> None:
+    writer = engine_factory()
+    sid = writer.create("victim", state={"name": "abcdef"})
+    for value in ("zzzzzz", "xxxxxx", "yyyyyy", "wwwwww"):  # no payload compressed
+        writer.update(sid, {"k": value})
+    version, damage = FORGED[case]
+    _forge(backend, sid, version, damage(_payload(backend, sid, version)))
+    reader = engine_factory(max_active_sessions=0)
+    with pytest.raises(CorruptedData) as raised:
+        reader.get(sid)
+    assert sid in str(raised.value) and f"version {version}" in str(raised.value)
+    problems = reader.verify(sid).problems
+    assert [(p.session_id, p.version) for p in problems] == [(sid, version)]
+
+
+def test_streams_of_plain_and_compressed_payloads_load_alike(engine_factory: EngineFactory,
+                                                            damaged: dict[str, Any]) -> None:
+    """The fixture's version 3 is lz4-compressed: its stream decodes one payload at a time;
+    the same session without it takes the joined path. Both give the state the writer had."""
+    sid = damaged["sid"]
+    reader = engine_factory(max_active_sessions=0)
+    assert reader.get(sid).state == {"name": "abcdef", "k": "yyyyyy", "big": "ab" * 5000}
+    assert reader.state_at(sid, version=2).state == {"name": "abcdef", "k": "zzzzzz"}
+    assert [e.data for e in reader.history(sid)][1] == {"set": {"k": "zzzzzz"}, "delete": []}
+
+
 def test_changed_payload_bytes_are_corrupted_data(engine_factory: EngineFactory,
                                                   damaged: dict[str, Any]) -> None:
     """Bytes changed in place that still decode (a bit flip inside a string): the blake3 chain
