@@ -661,9 +661,10 @@ class SessionEngine:
         """Check the hash chain, the events and the snapshots of every session (or one).
 
         Returns a VerifyReport: ``report.ok``, and ``report.problems`` naming session, version
-        and what is wrong (the first broken link of each session). `workers` > 1 checks shards
-        of the sessions in that many processes (this one included); by default a log of more
-        than 200,000 events on a file or server database uses up to 4 (the CPUs there are).
+        and what is wrong (the first broken link of each session). `workers` > 1 checks the
+        sessions in that many processes (this one included), which take pieces of the log (by
+        session id) as they get free; by default a log of more than 200,000 events on a file or
+        server database uses up to 4 (the CPUs there are).
         """
         sid = None if session_id is None else parse_session_id(session_id)
         if workers is not None and (type(workers) is not int or workers < 1):

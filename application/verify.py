@@ -19,14 +19,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from sessionledger.domain.errors import CorruptedData, SessionLedgerError
-from sessionledger.domain.events import EVENT_SCHEMAS, stored_micros
+from sessionledger.domain.events import EVENT_SCHEMAS, MAX_MICROS, stored_micros
 from sessionledger.domain.session import Session
 from sessionledger.infrastructure.codec import (
     GENESIS_DIGEST,
     EventCodec,
     blob,
     chain_hasher,
+    ext_hook,
     header_packer,
 )
 from sessionledger.infrastructure.store import EventStore
@@ -158,7 +161,8 @@ def merge(reports: list[VerifyReport]) -> VerifyReport:
 class _SnapshotFeed:
     """The stored snapshots of the walk, fetched in chunks in the walk's own order (one query
     per SNAPSHOT_CHUNK snapshots instead of one per snapshot: a tenth of verify's time went to
-    those queries). Only the chunk in use is held."""
+    those queries). Only the chunk in use is held. A snapshot dropped after the walk began is
+    not found (None: snapshots are a cache)."""
 
     def __init__(self, store: EventStore, versions: dict[str, list[int]]) -> None:
         self.store = store
@@ -173,14 +177,18 @@ class _SnapshotFeed:
         if key not in self.chunk:
             start = self.index[key]
             pairs = self.order[start:start + SNAPSHOT_CHUNK]
-            marks = ", ".join(["(?, ?)"] * len(pairs))
-            # a join on the key (a row-value IN list made SQLite scan the table per chunk)
+            # the range from the chunk's first to its last snapshot in (session, version)
+            # order, an index range scan (against a join on the keys: verify in one process
+            # 3.86 -> 3.64 µs an event, with the loop's changes in both)
+            (low_sid, low_version), (high_sid, high_version) = pairs[0], pairs[-1]
             rows = self.store.query(
-                "SELECT s.session_id, s.version, s.format_version, s.flags, s.digest, s.data "
-                f"FROM (VALUES {marks}) AS wanted JOIN sl_snapshots s "
-                "ON s.session_id = wanted.column1 AND s.version = wanted.column2",
-                [value for pair in pairs for value in pair])
-            self.chunk = {(row[0], int(row[1])): tuple(row[2:]) for row in rows}
+                "SELECT session_id, version, format_version, flags, digest, data "
+                "FROM sl_snapshots WHERE (session_id, version) >= (?, ?) "
+                "AND (session_id, version) <= (?, ?) ORDER BY session_id, version",
+                [low_sid, low_version, high_sid, high_version])
+            # rows the walk does not expect (written since it began, or with a version that is
+            # no number) are never asked for
+            self.chunk = {(row[0], row[1]): tuple(row[2:]) for row in rows}
             for pair in pairs:
                 self.chunk.setdefault(pair, None)
         return self.chunk[key]
@@ -203,13 +211,15 @@ class Verifier:
         where, params = _where(session_id, shard)
         snapshots = self._snapshot_versions(where, params, report)
         feed = _SnapshotFeed(self.store, snapshots)
-        # the chain link inlined, as in EventCodec.decode: a call fewer per event (the
-        # timestamp check and payload decode stay calls: inlined as in the load loop, they
-        # measured 1% faster here, within noise)
+        # the chain link, the timestamp check and the uncompressed payload decode inlined
+        # (stored_micros and PayloadCodec.decode are called only for what they alone handle).
+        # Measured in one process, 500,000 events, six alternating runs each: with the
+        # per-session guard below, 3.65 -> 3.54 µs an event
         hasher = chain_hasher(self.codec.chain_key)
         reset, update, hash_digest = hasher.reset, hasher.update, hasher.digest
         pack = header_packer.pack
         decode = self.codec.payloads.decode
+        unpack = msgpack.unpackb
         schemas = EVENT_SCHEMAS
         # a snapshot dropped after the walk began (feed.get gives None) is skipped: a cache
         holds_exactly = self.repository.snapshots.holds_exactly
@@ -229,8 +239,8 @@ class Verifier:
         ):
             events += 1
             if sid != current:
-                if current is not None:
-                    problems.extend(_leftover_snapshots(current, due, broken))
+                if due:  # snapshots of the last session the walk never reached (rarely any)
+                    problems.extend(_leftover_snapshots(current or "", due, broken))
                 current, session, head = sid, Session(sid), GENESIS_DIGEST
                 expected, broken = 1, False
                 due = snapshots.pop(sid, [])
@@ -259,8 +269,17 @@ class Verifier:
                 broken = True
                 continue
             try:
-                stored_micros(sid, version, micros)
-                schema, data = decode(payload, sid, version)
+                if type(micros) is not int or not 0 <= micros <= MAX_MICROS:
+                    stored_micros(sid, version, micros)  # raises, with its message
+                if len(payload) < 3 or payload[0]:  # no body, or compressed: the general path
+                    schema, data = decode(payload, sid, version)
+                else:
+                    schema = payload[1]
+                    try:
+                        data = unpack(payload[2:], ext_hook=ext_hook, raw=False,
+                                      strict_map_key=True)
+                    except Exception:
+                        schema, data = decode(payload, sid, version)  # fails, with its message
                 if type(data) is not dict or schemas.get(event_type) != schema:
                     data = current_data(sid, version, event_type, schema, data)
                 session.apply(event_type, data, version, micros)

@@ -67,8 +67,9 @@ def _datetime_from_iso(text: str) -> datetime:
     return moment
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    """msgpack's ext_hook for our ext types (datetime, UUID, Decimal)."""
+def ext_hook(code: int, data: bytes) -> Any:
+    """msgpack's ext_hook for our ext types (datetime, UUID, Decimal); public for verify(),
+    which unpacks payloads in its own loop."""
     if code == EXT_DATETIME:
         return _datetime_from_iso(data.decode())
     if code == EXT_UUID:
@@ -96,7 +97,7 @@ class MsgpackTranscoder(Transcoder):
         return data
 
     def decode(self, data: bytes) -> Any:
-        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=True)
+        return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=True)
 
 
 class Lz4Compressor(Compressor):
@@ -138,7 +139,7 @@ class PayloadCodec:
                 # uncompressed, the common case: msgpack at once, no call through the
                 # transcoder (loads and verify decode every event here; measured as fast as
                 # inlining this path into their loops)
-                return schema, msgpack.unpackb(payload[2:], ext_hook=_ext_hook, raw=False,
+                return schema, msgpack.unpackb(payload[2:], ext_hook=ext_hook, raw=False,
                                                strict_map_key=True)
             body = payload[2:]
             if flags & FLAG_LZ4:
@@ -295,7 +296,7 @@ class EventCodec:
 
         Only for chain-checked payloads: each is one value as a writer packed it, so the joined
         bodies split where the payloads do. (Bytes made to pass the chain, possible without an
-        integrity key, could hold two values in one payload and none in the next: verify(),
+        integrity key, could hold two values in one payload and part of one in another: verify(),
         which unpacks each payload on its own, reports such a payload.)
         """
         bodies: list[bytes] = []
@@ -306,7 +307,7 @@ class EventCodec:
                 return None
             add(payload[2:])
         joined = b"".join(bodies)
-        unpacker = msgpack.Unpacker(ext_hook=_ext_hook, raw=False, strict_map_key=True,
+        unpacker = msgpack.Unpacker(ext_hook=ext_hook, raw=False, strict_map_key=True,
                                     max_buffer_size=max(len(joined), 1))
         unpacker.feed(joined)
         try:
