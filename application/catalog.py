@@ -10,11 +10,9 @@ tags in one statement, in the swap's transaction.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import itemgetter
 
@@ -43,6 +41,7 @@ from sessionledger.projections.catalog import (
 )
 from sessionledger.projections.replay import current_data
 
+from .gc_pause import gc_paused
 from .subscribers import SubscriberRunner
 
 CATALOG = "catalog"
@@ -77,27 +76,6 @@ def _tags_json(tags: list[str]) -> str:
 
 #: windows of at least this many positions fold with the cyclic garbage collector paused
 _GC_PAUSE_MIN = 10_000
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off meanwhile (when it was on).
-
-    A rebuild window allocates a few hundred thousand tuples and entries (fetched rows, folded
-    sessions, rows to write), none of them in reference cycles: refcounting frees them all, but
-    their allocation triggers collections that walk every live object, again and again as the
-    window's own objects pile up. Measured on a 500,000-event rebuild in windows of 100,000:
-    about 830 collections (7 full ones) costing 0.3 s of 2.9 s; none with the collector off.
-    Only its automatic runs stop: it is switched back on after, unless it was off already.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _to_entry(row: CatalogRow) -> CatalogEntry:
@@ -138,7 +116,7 @@ class CatalogConsumer:
         """Fold the events with positions in (after, upto]; return how many there were."""
         if upto - after < _GC_PAUSE_MIN:
             return self._fold_window(conn, after, upto)
-        with _gc_paused():
+        with gc_paused():
             return self._fold_window(conn, after, upto)
 
     def _fold_window(self, conn: Connection, after: int, upto: int) -> int:

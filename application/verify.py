@@ -40,6 +40,7 @@ from sessionledger.projections.snapshots import (
     snapshot_fields,
 )
 
+from .gc_pause import gc_paused
 from .repository import SessionRepository
 
 #: (format_version, flags, digest, data) of a stored snapshot
@@ -207,6 +208,11 @@ class Verifier:
             shard: tuple[str | None, str | None] | None = None) -> VerifyReport:
         """Check one session, the sessions of a shard (ids in [low, high); None: open end), or
         every session, and return the report."""
+        with gc_paused():
+            return self._walk(session_id, shard)
+
+    def _walk(self, session_id: str | None,
+              shard: tuple[str | None, str | None] | None) -> VerifyReport:
         report = VerifyReport()
         where, params = _where(session_id, shard)
         snapshots = self._snapshot_versions(where, params, report)

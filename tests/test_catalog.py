@@ -18,6 +18,7 @@ from sessionledger import (
     SessionEngine,
     SessionStatus,
 )
+from sessionledger.gc_pause import gc_paused
 
 
 def catalog_rows(backend: Backend) -> list[tuple[object, ...]]:
@@ -383,6 +384,6 @@ def test_large_windows_fold_with_the_collector_paused_and_restore_it(
         assert not gc.isenabled()
     finally:
         gc.enable()
-    with pytest.raises(ZeroDivisionError), catalog_module._gc_paused():
+    with pytest.raises(ZeroDivisionError), gc_paused():
         1 / 0  # noqa: B018
     assert gc.isenabled()

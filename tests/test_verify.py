@@ -146,6 +146,31 @@ def test_a_verify_worker_process_takes_the_pieces_nobody_took(
     assert [str(p) for p in worker.problems] == [str(p) for p in whole.problems]
 
 
+def test_verify_walks_with_the_garbage_collector_paused(engine_factory: EngineFactory,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    engine = engine_factory(snapshot_every=3)
+    make(engine, 4)
+    seen: list[bool] = []
+    scan = engine._store.scan
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(gc.isenabled())
+        return scan(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine._store, "scan", spy)
+    assert gc.isenabled()
+    assert engine.verify().ok
+    assert seen == [False] and gc.isenabled()
+    gc.disable()  # a caller's choice is left alone
+    try:
+        assert engine.verify().ok
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 class _FailingVerifier:
     def __init__(self) -> None:
         self.ran: list[tuple[str | None, str | None] | None] = []
