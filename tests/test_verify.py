@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
@@ -169,6 +170,40 @@ def test_verify_walks_with_the_garbage_collector_paused(engine_factory: EngineFa
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_pieces_cover_every_session_once_with_about_as_many_events(
+        engine_factory: EngineFactory, backend: Backend) -> None:
+    engine = engine_factory()
+    assert shards(engine._store, 4) == [(None, None)]  # no events at all
+    lengths = [1, 2, 3, 30, 4, 5, 1, 12, 6, 7, 8, 9] * 3
+    sids = sorted(make(engine, n - 1) for n in lengths)
+    events = {sid: len(backend.sql("SELECT version FROM sl_events WHERE session_id = ?",
+                                   (sid,))) for sid in sids}
+    total = sum(events.values())
+    assert shards(engine._store, 1) == [(None, None)]
+    for count in (2, 5, 16, 1000):
+        pieces = shards(engine._store, count)
+        assert pieces[0][0] is None and pieces[-1][1] is None
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))  # contiguous
+        held = [[sid for sid in sids if (low is None or sid >= low) and
+                 (high is None or sid < high)] for low, high in pieces]
+        assert sorted(sid for piece in held for sid in piece) == sids  # each exactly once
+        if count <= 5:
+            assert len(pieces) == count
+            sizes = [sum(events[sid] for sid in piece) for piece in held]
+            # a piece holds its first session whole (the next cut is counted from after it)
+            # plus about `step` more events, up to the end of the session it lands in
+            assert max(sizes) <= -(-total // count) + 2 * max(lengths)
+    # a verify over pieces finds what one pass finds
+    backend.sql("UPDATE sl_events SET actor = 'x' WHERE session_id = ? AND version = 1",
+                (sids[5],))
+    merged = merge([Verifier(engine._store, engine._codec, engine._repository).run(shard=p)
+                    for p in shards(engine._store, 7)])
+    whole = engine.verify(workers=1)
+    assert (merged.sessions, merged.events) == (whole.sessions, whole.events) == (
+        len(sids), total)
+    assert [str(p) for p in merged.problems] == [str(p) for p in whole.problems]
 
 
 class _FailingVerifier:
