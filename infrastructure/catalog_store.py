@@ -204,11 +204,17 @@ class CatalogStore:
         if after_key is not None:
             where.append("(c.updated_ts < ? OR (c.updated_ts = ? AND c.session_id < ?))")
             params.extend((after_key[0], after_key[0], after_key[1]))
-        sql = f"SELECT {', '.join('c.' + c for c in CATALOG_COLUMNS)} FROM sl_catalog c"
+        # Two steps: the page's ids first, from the indexes alone (the filters, the tag checks
+        # and the order need no row), then their rows. In one step SQLite fetched the row of
+        # every index entry it passed over, and a sparse filter passes thousands (tags=[x] at
+        # 2%: 2.6 -> 1.4 ms on 100,000 sessions; a dense one costs 0.03 ms more).
+        page = "SELECT c.session_id FROM sl_catalog c"
         if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY c.updated_ts DESC, c.session_id DESC LIMIT ?"
+            page += " WHERE " + " AND ".join(where)
+        page += " ORDER BY c.updated_ts DESC, c.session_id DESC LIMIT ?"
         params.append(limit)
+        sql = (f"SELECT {', '.join('c.' + c for c in CATALOG_COLUMNS)} FROM sl_catalog c "
+               f"WHERE c.session_id IN ({page}) ORDER BY c.updated_ts DESC, c.session_id DESC")
         return [tuple(row) for row in self.store.query(sql, params)]
 
     def all_rows(self) -> list[CatalogRow]:

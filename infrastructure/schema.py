@@ -111,6 +111,12 @@ def catalog_tables(target: MetaData, suffix: str = "") -> tuple[Table, Table]:
         Column("event_count", Integer, nullable=False),
         Column("last_checkpoint", String(256)),
         Column("tags", String(8192), nullable=False),  # the tags as a JSON list, for display
+        # SQLite: the rows in their key's own B-tree, not in a rowid table beside a key index
+        # (here and in the tag table: a write touches one tree instead of two; a 500,000-event
+        # rebuild 1.59-1.76 -> 1.51-1.65 s, alternating runs). find() reads pages in two steps
+        # because of it (CatalogStore.find). A catalog made by an older release keeps its
+        # rowid tables until it is rebuilt; both shapes answer the same.
+        sqlite_with_rowid=False,
     )
     tags = Table(
         f"sl_catalog_tags{suffix}",
@@ -118,6 +124,7 @@ def catalog_tables(target: MetaData, suffix: str = "") -> tuple[Table, Table]:
         Column("tag", String(256), nullable=False),
         Column("session_id", String(36), nullable=False),
         PrimaryKeyConstraint("tag", "session_id", name=f"sl_catalog_tags{suffix}_pk"),
+        sqlite_with_rowid=False,
     )
     return catalog, tags
 
