@@ -286,13 +286,13 @@ class EventCodec:
                 )
             expected += 1
 
-    @staticmethod
-    def _unpack_together(stored: list[StoredEvent]) -> list[Any] | None:
+    def _unpack_together(self, stored: list[StoredEvent]) -> list[Any] | None:
         """The payloads' values, unpacked from their bodies joined into one buffer: one
         unpacker run instead of a call per event (measured on a 1,000-event load: the decode
-        1,300 -> 1,060 µs). None when a payload is compressed (or has unknown flags) or has no
-        body, or the bodies do not give exactly one value each: the caller then decodes them
-        one at a time, which names the payload at fault.
+        1,300 -> 1,060 µs). Compressed bodies are decompressed into the buffer. None when a
+        payload has no body or unknown flags, does not decompress, or the bodies do not give
+        exactly one value each: the caller then decodes them one at a time, which names the
+        payload at fault.
 
         Only for chain-checked payloads: each is one value as a writer packed it, so the joined
         bodies split where the payloads do. (Bytes made to pass the chain, possible without an
@@ -301,11 +301,21 @@ class EventCodec:
         """
         bodies: list[bytes] = []
         add = bodies.append
+        decompress = self.payloads.compressor.decompress
         for row in stored:
             payload = row[5]
-            if len(payload) < 3 or payload[0]:  # no body (damage), or compressed
+            if len(payload) < 3:  # no body: damage
                 return None
-            add(payload[2:])
+            flags = payload[0]
+            if not flags:
+                add(payload[2:])
+            elif flags == FLAG_LZ4:  # above the size threshold when written
+                try:
+                    add(decompress(payload[2:]))
+                except Exception:
+                    return None
+            else:
+                return None
         joined = b"".join(bodies)
         unpacker = msgpack.Unpacker(ext_hook=ext_hook, raw=False, strict_map_key=True,
                                     max_buffer_size=max(len(joined), 1))

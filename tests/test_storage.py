@@ -386,6 +386,9 @@ FORGED: dict[str, tuple[int, Callable[[bytes], bytes]]] = {
     "invalid msgpack": (4, lambda p: p[:2] + b"\xc1"),
     "half a value": (2, lambda p: p[: len(p) - 3]),
     "bad ext value": (4, lambda p: p[:2] + msgpack.packb(msgpack.ExtType(1, b"not a time"))),
+    "bad lz4 body": (3, lambda p: b"\x01" + p[1:2] + b"\xff" * 16),
+    "unknown flags": (3, lambda p: b"\x80" + p[1:]),
+    "lz4 of two values": (2, lambda p: b"\x01" + p[1:2] + lz4.block.compress(p[2:] + p[2:])),
 }
 
 
@@ -406,14 +409,28 @@ def test_payloads_forged_onto_the_chain_are_named_by_version(
     assert [(p.session_id, p.version) for p in problems] == [(sid, version)]
 
 
-def test_streams_of_plain_and_compressed_payloads_load_alike(engine_factory: EngineFactory,
-                                                            damaged: dict[str, Any]) -> None:
-    """The fixture's version 3 is lz4-compressed: its stream decodes one payload at a time;
-    the same session without it takes the joined path. Both give the state the writer had."""
+def test_streams_of_plain_and_compressed_payloads_load_alike(
+        engine_factory: EngineFactory, damaged: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixture's version 3 is lz4-compressed: loads decompress it into the joined buffer
+    and unpack the whole stream in one run (no payload decoded on its own), and give the state
+    the writer had."""
+    from sessionledger.infrastructure.codec import PayloadCodec
+
     sid = damaged["sid"]
     reader = engine_factory(max_active_sessions=0)
+    decoded_alone: list[int | None] = []
+    one_at_a_time = PayloadCodec.decode
+
+    def spy(self: PayloadCodec, payload: bytes, session_id: str,
+            version: int | None) -> tuple[int, Any]:
+        decoded_alone.append(version)
+        return one_at_a_time(self, payload, session_id, version)
+
+    monkeypatch.setattr(PayloadCodec, "decode", spy)
     assert reader.get(sid).state == {"name": "abcdef", "k": "yyyyyy", "big": "ab" * 5000}
     assert reader.state_at(sid, version=2).state == {"name": "abcdef", "k": "zzzzzz"}
+    assert decoded_alone == []
     assert [e.data for e in reader.history(sid)][1] == {"set": {"k": "zzzzzz"}, "delete": []}
 
 
