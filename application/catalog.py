@@ -303,6 +303,7 @@ class Catalog:
             rebuilt = subs.position(REBUILD_TRACKING)
             if rebuilt < position:
                 self._rebuilder.handle_window(conn, rebuilt, position)
+            self.tables.drop_purged_next(conn)
             self.tables.fill_next_tags(conn)
             self.tables.swap(conn)
             subs.advance(conn, CATALOG, position)

@@ -115,6 +115,12 @@ class CatalogStore:
         for table in schema.catalog_tables(target, NEXT):
             conn.execute(CreateTable(table, if_not_exists=True))
 
+    def drop_purged_next(self, conn: Connection) -> None:
+        """Remove from the rebuild's rows the sessions purged since it folded them (a purge
+        deletes the live row only; the swap would bring a folded one back)."""
+        conn.exec_driver_sql(f"DELETE FROM sl_catalog{NEXT} WHERE session_id IN "
+                             "(SELECT session_id FROM sl_tombstones)")
+
     def fill_next_tags(self, conn: Connection) -> None:
         """Fill the rebuild's tag table from the JSON tags of its catalog rows, in one statement
         (tags never change after SessionStarted, so a row's tags are its session's tags).

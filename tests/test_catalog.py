@@ -15,6 +15,7 @@ from conftest import EngineFactory
 from sessionledger import (
     InvalidArgument,
     ProjectionOutdated,
+    RetentionPolicy,
     SessionEngine,
     SessionStatus,
 )
@@ -221,6 +222,34 @@ def test_interrupted_rebuild_resumes(engine_factory: EngineFactory, backend: Bac
     small.rebuild("catalog")
     assert catalog_rows(backend) == live
     assert backend.sql("SELECT COUNT(*) FROM sl_tracking WHERE name = 'catalog:rebuild'") == [(0,)]
+
+
+def test_a_session_purged_during_a_rebuild_stays_out_of_the_rebuilt_catalog(
+        engine_factory: EngineFactory, backend: Backend) -> None:
+    """A purge deletes the live catalog row; a rebuild under way has folded the session into
+    its "_next" tables already, and its swap must not bring the row back."""
+    engine = engine_factory()
+    ids = populate(engine)
+    engine.find()
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(done: int, head: int, rate: float) -> None:
+        raise Interrupt
+
+    small = engine_factory()
+    small._catalog._rebuild_runner.batch_size = 1000  # the whole log in the first window
+    with pytest.raises(Interrupt):
+        small.rebuild("catalog", progress=stop)
+    report = engine.cleanup(RetentionPolicy(keep_last=0, purge=True))
+    assert ids["done"] in report.session_ids and ids["failed"] in report.session_ids
+    live = catalog_rows(backend)
+    assert ids["done"] not in {row[0] for row in live}
+    small.rebuild("catalog")  # resumes, and swaps
+    assert catalog_rows(backend) == live
+    assert ids["done"] not in {s.id for s in engine.find(limit=1000)}
+    assert ids["done"] not in {session_id for _, session_id in tag_rows(backend)}
 
 
 def test_outdated_projection_is_rebuilt_or_refused(engine_factory: EngineFactory,
