@@ -641,6 +641,10 @@ class SessionEngine:
             else:
                 for row in chosen:
                     self._purge(row[0], row[1], row[2])
+                if chosen:
+                    # the purged pages were zeroed in the database; older copies of them stay
+                    # in SQLite's WAL until a checkpoint empties it
+                    self._store.checkpoint()
             return CleanupReport(policy.action, ids, dry_run=False)
 
     def _catalog_ids(self, statuses: list[str]) -> list[str]:

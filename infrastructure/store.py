@@ -362,22 +362,46 @@ class EventStore:
         also: Callable[[Connection], None] | None = None,
     ) -> None:
         """Delete a session's events, snapshots and idempotency keys for good and leave a
-        tombstone, in one transaction (`also` runs in it: read models drop their rows)."""
+        tombstone, in one transaction (`also` runs in it: read models drop their rows).
+
+        SQLite: with secure_delete on, whatever SQLite build this is, so the freed space is
+        zeroed; the WAL keeps the old pages until a checkpoint (see checkpoint()).
+        """
         with self.storage_errors("purge a session in"), self.engine.connect() as conn:
+            secure = None
             if self.dialect == "sqlite":
+                secure = conn.exec_driver_sql("PRAGMA secure_delete").scalar()
+                conn.exec_driver_sql("PRAGMA secure_delete=ON")
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
-            for table in ("sl_events", "sl_snapshots"):
-                conn.execute(sa.text(f"DELETE FROM {table} WHERE session_id = :sid"),
-                             {"sid": session_id})
-            conn.execute(sa.text("DELETE FROM sl_idempotency WHERE session_id = :sid"),
+            try:
+                self._purge_in(conn, session_id, name, final_status, micros, also)
+            finally:
+                if secure is not None:
+                    conn.exec_driver_sql(f"PRAGMA secure_delete={int(secure)}")
+
+    def _purge_in(self, conn: Connection, session_id: str, name: str, final_status: str,
+                  micros: int, also: Callable[[Connection], None] | None) -> None:
+        for table in ("sl_events", "sl_snapshots"):
+            conn.execute(sa.text(f"DELETE FROM {table} WHERE session_id = :sid"),
                          {"sid": session_id})
-            conn.execute(sa.text(
-                "INSERT INTO sl_tombstones (session_id, name, final_status, version, purged_ts) "
-                "VALUES (:sid, :name, :status, 0, :ts) ON CONFLICT (session_id) DO NOTHING"),
-                {"sid": session_id, "name": name, "status": final_status, "ts": micros})
-            if also is not None:
-                also(conn)
-            conn.commit()
+        conn.execute(sa.text("DELETE FROM sl_idempotency WHERE session_id = :sid"),
+                     {"sid": session_id})
+        conn.execute(sa.text(
+            "INSERT INTO sl_tombstones (session_id, name, final_status, version, purged_ts) "
+            "VALUES (:sid, :name, :status, 0, :ts) ON CONFLICT (session_id) DO NOTHING"),
+            {"sid": session_id, "name": name, "status": final_status, "ts": micros})
+        if also is not None:
+            also(conn)
+        conn.commit()
+
+    def checkpoint(self) -> None:
+        """SQLite: copy the WAL into the database file and empty it (best effort: a reader in
+        another connection can hold it), so that pages a purge freed and zeroed leave no older
+        copy in the WAL. PostgreSQL: nothing (its own VACUUM reclaims deleted rows)."""
+        if self.dialect != "sqlite":
+            return
+        with self.storage_errors("checkpoint"), self.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def tombstone(self, session_id: str) -> tuple[str, str, int] | None:
         """(name, final status, purged_ts) of a purged session, if it was purged."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import EngineFactory
 from sessionledger import (
     InvalidArgument,
     RetentionPolicy,
+    SessionEngine,
     SessionNotFound,
     SessionPurged,
     SessionStatus,
@@ -173,3 +175,23 @@ def test_cleanup_purge_leaves_a_tombstone(engine_factory: EngineFactory, backend
 def test_bad_retention_policies(bad: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument):
         RetentionPolicy(**bad)
+
+
+def test_a_purge_leaves_no_copy_of_the_session_in_the_sqlite_files(tmp_path: Path) -> None:
+    """Purged for good: the freed pages are zeroed (secure_delete on for the purge, whatever
+    the SQLite build) and the WAL, which kept older copies of them, is emptied by cleanup().
+    A SQLite matter: PostgreSQL's VACUUM reclaims deleted rows on its own schedule."""
+    path = tmp_path / "purge.db"
+    with SessionEngine(f"sqlite:///{path}") as engine:
+        kept = engine.create("kept", state={"note": "KEPT-MARKER-1234"})
+        sid = engine.create("gone", state={"note": "SECRET-MARKER-9876"})
+        engine.update(sid, {"more": "SECRET-MARKER-9876"})
+        engine.checkpoint(sid, "cp")  # a snapshot holds it too
+        engine.end(sid, outcome="completed")
+        engine.find()
+        report = engine.cleanup(RetentionPolicy(max_age=0, purge=True))
+        assert report.purged == [sid]
+        files = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+        assert b"SECRET-MARKER" not in b"".join(files.values()), sorted(files)
+        assert b"KEPT-MARKER" in b"".join(files.values())
+        assert engine.get(kept).state == {"note": "KEPT-MARKER-1234"}
