@@ -117,9 +117,18 @@ class CatalogStore:
 
     def drop_purged_next(self, conn: Connection) -> None:
         """Remove from the rebuild's rows the sessions purged since it folded them (a purge
-        deletes the live row only; the swap would bring a folded one back)."""
-        conn.exec_driver_sql(f"DELETE FROM sl_catalog{NEXT} WHERE session_id IN "
-                             "(SELECT session_id FROM sl_tombstones)")
+        deletes the live row only; the swap would bring a folded one back). On SQLite with
+        secure_delete on, as purges run."""
+        secure = None
+        if self.dialect == "sqlite":
+            secure = conn.exec_driver_sql("PRAGMA secure_delete").scalar()
+            conn.exec_driver_sql("PRAGMA secure_delete=ON")
+        try:
+            conn.exec_driver_sql(f"DELETE FROM sl_catalog{NEXT} WHERE session_id IN "
+                                 "(SELECT session_id FROM sl_tombstones)")
+        finally:
+            if secure is not None:
+                conn.exec_driver_sql(f"PRAGMA secure_delete={int(secure)}")
 
     def fill_next_tags(self, conn: Connection) -> None:
         """Fill the rebuild's tag table from the JSON tags of its catalog rows, in one statement
