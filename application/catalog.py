@@ -150,8 +150,7 @@ class CatalogConsumer:
         for sid, version, event_type, micros, actor, payload in special:
             data = None
             if event_type in NEEDS_DATA:
-                schema, data = decode(payload if type(payload) is bytes else blob(payload),
-                                      sid, version)
+                schema, data = decode(blob(payload), sid, version)
                 if type(data) is not dict or schemas.get(event_type) != schema:
                     # current_data's checks and upcasts, called only when the data is not a
                     # map in its type's current schema (as in replay)

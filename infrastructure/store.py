@@ -119,6 +119,22 @@ def safe_url(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+@contextlib.contextmanager
+def secure_delete(conn: Connection, mode: str) -> Iterator[None]:
+    """SQLite's secure_delete set to `mode` ("ON", "FAST") on `conn` meanwhile, then put back
+    as it was (the connection goes back to a pool; the build's default varies: Debian's zeroes
+    freed pages, others do not). Other dialects: nothing."""
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    previous = conn.exec_driver_sql("PRAGMA secure_delete").scalar_one()
+    conn.exec_driver_sql(f"PRAGMA secure_delete={mode}")
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql(f"PRAGMA secure_delete={int(previous)}")
+
+
 class EventStore:
     """Appends and reads session events on SQLite or PostgreSQL."""
 
@@ -367,32 +383,22 @@ class EventStore:
         SQLite: with secure_delete on, whatever SQLite build this is, so the freed space is
         zeroed; the WAL keeps the old pages until a checkpoint (see checkpoint()).
         """
-        with self.storage_errors("purge a session in"), self.engine.connect() as conn:
-            secure = None
+        with (self.storage_errors("purge a session in"), self.engine.connect() as conn,
+              secure_delete(conn, "ON")):
             if self.dialect == "sqlite":
-                secure = conn.exec_driver_sql("PRAGMA secure_delete").scalar()
-                conn.exec_driver_sql("PRAGMA secure_delete=ON")
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                self._purge_in(conn, session_id, name, final_status, micros, also)
-            finally:
-                if secure is not None:
-                    conn.exec_driver_sql(f"PRAGMA secure_delete={int(secure)}")
-
-    def _purge_in(self, conn: Connection, session_id: str, name: str, final_status: str,
-                  micros: int, also: Callable[[Connection], None] | None) -> None:
-        for table in ("sl_events", "sl_snapshots"):
-            conn.execute(sa.text(f"DELETE FROM {table} WHERE session_id = :sid"),
+            for table in ("sl_events", "sl_snapshots"):
+                conn.execute(sa.text(f"DELETE FROM {table} WHERE session_id = :sid"),
+                             {"sid": session_id})
+            conn.execute(sa.text("DELETE FROM sl_idempotency WHERE session_id = :sid"),
                          {"sid": session_id})
-        conn.execute(sa.text("DELETE FROM sl_idempotency WHERE session_id = :sid"),
-                     {"sid": session_id})
-        conn.execute(sa.text(
-            "INSERT INTO sl_tombstones (session_id, name, final_status, version, purged_ts) "
-            "VALUES (:sid, :name, :status, 0, :ts) ON CONFLICT (session_id) DO NOTHING"),
-            {"sid": session_id, "name": name, "status": final_status, "ts": micros})
-        if also is not None:
-            also(conn)
-        conn.commit()
+            conn.execute(sa.text(
+                "INSERT INTO sl_tombstones (session_id, name, final_status, version, purged_ts) "
+                "VALUES (:sid, :name, :status, 0, :ts) ON CONFLICT (session_id) DO NOTHING"),
+                {"sid": session_id, "name": name, "status": final_status, "ts": micros})
+            if also is not None:
+                also(conn)
+            conn.commit()
 
     def checkpoint(self) -> None:
         """SQLite: copy the WAL into the database file and empty it (best effort: a reader in
