@@ -27,6 +27,7 @@ from sessionledger.domain.events import (
     stored_version,
     to_micros,
 )
+from sessionledger.domain.values import decimal_digits
 from sessionledger.infrastructure.catalog_store import NEXT, CatalogRow, CatalogStore
 from sessionledger.infrastructure.codec import PayloadCodec, blob
 from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore
@@ -219,7 +220,7 @@ class Catalog:
         if not rows:
             return None
         text = str(rows[0][0])
-        return int(text) if text.isdigit() else -1
+        return int(text) if decimal_digits(text) else -1
 
     def outdated(self) -> bool:
         """True when the stored catalog was built by another projection version."""
@@ -379,6 +380,6 @@ def _decode_cursor(cursor: str | None) -> tuple[int, str] | None:
     if cursor is None:
         return None
     micros, _, sid = str(cursor).partition(".")
-    if not micros.isdigit() or len(sid) != 36:
+    if not decimal_digits(micros) or len(sid) != 36:
         raise InvalidArgument(f"invalid cursor {cursor!r}: pass a Page.next_cursor")
     return int(micros), sid

@@ -30,6 +30,7 @@ from uuid import UUID
 from sessionledger.domain.errors import InvalidArgument
 from sessionledger.domain.events import SessionEvent
 from sessionledger.domain.session import Session
+from sessionledger.domain.values import decimal_digits
 from sessionledger.projections.audit import Change, StateDiff
 
 from .audit import AuditQueries, parse_time
@@ -67,7 +68,7 @@ def parse_version(text: str, what: str = "version") -> int:
 def parse_version_or_time(text: str) -> int | datetime:
     """`--at`: digits are a version, anything else an ISO 8601 time."""
     stripped = text.strip()
-    if stripped.isdigit():
+    if decimal_digits(stripped):
         return int(stripped)
     return parse_time(stripped, "--at")
 

@@ -33,6 +33,13 @@ _SCALARS = (str, float, bool, type(None), datetime, UUID, Decimal)
 KeyPath = str | tuple["KeyPath", "str | int"]
 
 
+def decimal_digits(text: str) -> bool:
+    """True when `text` is one or more ASCII digits 0-9: what int() reads as a plain count.
+    (str.isdigit() also accepts digits such as '²' that int() refuses, and int() accepts
+    '١٢', '+1' and '1_000', none of which this engine writes.)"""
+    return text.isascii() and text.isdigit()
+
+
 def key_path(at: KeyPath) -> str:
     """The text of a key path: state.a.b, payload[3]."""
     keys: list[str | int] = []

@@ -24,6 +24,7 @@ from sqlalchemy.pool import QueuePool, StaticPool
 
 from sessionledger.domain.errors import CorruptedData, StorageError
 from sessionledger.domain.events import stored_version
+from sessionledger.domain.values import decimal_digits
 
 from . import schema
 from .codec import EventRow, StoredEvent, blob
@@ -261,7 +262,7 @@ class EventStore:
 
     def _schema_number(self, value: object) -> int:
         text = str(value)
-        if not text.isdigit():
+        if not decimal_digits(text):
             raise StorageError(
                 f"database {safe_url(self.url)} records schema version {value!r}, which is "
                 "not a number: not a sessionledger database, or a damaged one")

@@ -767,6 +767,7 @@ def test_cli_show_at(engine_factory: EngineFactory, cli: Cli) -> None:
     cli.fails("show", sid, "--at", "13", match="1..12")
     cli.fails("show", sid, "--at", "0", match="1..12")
     cli.fails("show", sid, "--at", "yesterday", match="ISO 8601")
+    cli.fails("show", sid, "--at", "\u00b2", match="ISO 8601")  # a digit int() refuses
     cli.fails("show", sid, "--at", "2000-01-01", match="did not exist")
     cli.fails("show", str(uuid.uuid4()), "--at", "1", match="not found")
 

@@ -112,6 +112,12 @@ def test_keyset_pages_cover_everything_once(engine_factory: EngineFactory) -> No
     assert pages == 5 and len(seen) == 23 and set(seen) == created
     with pytest.raises(InvalidArgument):
         engine.find(cursor="not-a-cursor")
+    # the time part of a cursor must be ASCII digits: '\u00b2' is a digit to str.isdigit()
+    # that int() refuses, '\u0661\u0662' Arabic-Indic digits that int() reads
+    assert cursor is not None
+    for digits in ("\u00b2" * 16, "\u0661\u0662", "+12", "1_2"):
+        with pytest.raises(InvalidArgument, match="invalid cursor"):
+            engine.find(cursor=f"{digits}.{cursor.partition('.')[2]}")
 
 
 @pytest.mark.parametrize("bad", [
