@@ -125,7 +125,7 @@ def checked_types(types: object) -> frozenset[str] | None:
         if not isinstance(types, Iterable):
             raise InvalidArgument(f"types must be a list of event types, got {types!r}")
         names = list(types)
-    unknown = [name for name in names if name not in EVENT_TYPES]
+    unknown = [name for name in names if not isinstance(name, str) or name not in EVENT_TYPES]
     if unknown:
         raise InvalidArgument(
             f"unknown event type{'s' if len(unknown) > 1 else ''} "
@@ -171,7 +171,8 @@ class AuditQueries:
             latest = self._latest(sid)
             target = _checked_version(version, "version", 1, latest, sid)
         else:
-            target = self._version_at(sid, to_micros(parse_time(at, "at")))
+            moment = parse_time(at, "at")
+            target = self._version_at(sid, to_micros(moment), moment)
         return self._repository.load(sid, target)[0]
 
     def diff(self, session_id: str | UUID, a: int, b: int) -> StateDiff:
@@ -324,7 +325,7 @@ class AuditQueries:
         name = current_data(sid, 1, SESSION_STARTED, schema, raw).get("name")
         return name if isinstance(name, str) else None
 
-    def _version_at(self, sid: str, micros: int) -> int:
+    def _version_at(self, sid: str, micros: int, moment: datetime) -> int:
         """The last version of `sid` committed at or before `micros`; InvalidArgument when
         the session started later, SessionNotFound when it does not exist."""
         rows = self._store.query(_VERSION_AT, (sid, micros, micros, sid))
@@ -338,7 +339,8 @@ class AuditQueries:
             first = self._store.query(_FIRST_EVENT, (sid,))
             started = to_datetime(first[0][0]).isoformat() if first else "later"
             raise InvalidArgument(
-                f"session {sid} did not exist at {to_datetime(micros).isoformat()}: it started "
+                # the caller's own moment: in UTC it may fall before year 1
+                f"session {sid} did not exist at {moment.isoformat()}: it started "
                 f"at {started}"
             )
         return version

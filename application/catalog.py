@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
+from uuid import UUID
 
 from sqlalchemy.engine import Connection
 
@@ -27,7 +28,7 @@ from sessionledger.domain.events import (
     stored_version,
     to_micros,
 )
-from sessionledger.domain.values import decimal_digits
+from sessionledger.domain.values import MAX_LABEL_LENGTH, checked_text, decimal_digits
 from sessionledger.infrastructure.catalog_store import NEXT, CatalogRow, CatalogStore
 from sessionledger.infrastructure.codec import PayloadCodec, blob
 from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore
@@ -42,6 +43,7 @@ from sessionledger.projections.catalog import (
 )
 from sessionledger.projections.replay import current_data
 
+from .audit import parse_time
 from .gc_pause import gc_paused
 from .subscribers import SubscriberRunner
 
@@ -251,16 +253,24 @@ class Catalog:
         updated_before: object = None,
         limit: int = 100,
         cursor: str | None = None,
+        catch_up: bool = False,
     ) -> Page:
-        """One page of sessions matching every filter, most recently updated first."""
+        """One page of sessions matching every filter, most recently updated first.
+        catch_up=True brings the catalog up to date first, once the arguments are checked (a
+        refused call writes nothing)."""
         if type(limit) is not int or not 1 <= limit <= 10_000:
             raise InvalidArgument(f"limit must be an int in 1..10000, got {limit!r}")
         statuses = _statuses(status)
         tag_list = _tags(tags)
-        rows = self.tables.find(
-            statuses, tag_list, name, parent, _micros(updated_after, "updated_after"),
-            _micros(updated_before, "updated_before"), limit + 1, _decode_cursor(cursor),
-        )
+        if name is not None:
+            name = checked_text(name, "name")  # one a session could have, or InvalidArgument
+        after = _micros(updated_after, "updated_after")
+        before = _micros(updated_before, "updated_before")
+        keyset = _decode_cursor(cursor)
+        if catch_up:
+            self.catch_up()
+        rows = self.tables.find(statuses, tag_list, name, parent, after, before, limit + 1,
+                                keyset)
         more = len(rows) > limit
         rows = rows[:limit]
         items = []
@@ -346,6 +356,9 @@ def _statuses(status: object) -> list[str] | None:
                 f"unknown status {value!r}: expected one of "
                 f"{', '.join(s.value for s in SessionStatus)}"
             ) from None
+    if not out:
+        raise InvalidArgument("status is an empty list, which no session matches: pass None "
+                              "for every status")
     return out
 
 
@@ -358,28 +371,27 @@ def _tags(tags: object) -> list[str] | None:
         isinstance(t, str) for t in tags
     ):
         raise InvalidArgument(f"tags must be a list of str, got {tags!r}")
-    return sorted(set(tags))
+    # each one a tag could be (valid Unicode, no control characters), or InvalidArgument
+    return sorted({checked_text(tag, "tag", MAX_LABEL_LENGTH) for tag in tags})
 
 
 def _micros(moment: object, what: str) -> int | None:
-    from datetime import datetime
+    """The time filters read as history() reads its own (audit.parse_time)."""
+    return None if moment is None else to_micros(parse_time(moment, what))
 
-    if moment is None:
-        return None
-    if isinstance(moment, str):
-        try:
-            moment = datetime.fromisoformat(moment.replace("Z", "+00:00"))
-        except ValueError:
-            raise InvalidArgument(f"{what} is not an ISO 8601 time: {moment!r}") from None
-    if not isinstance(moment, datetime):
-        raise InvalidArgument(f"{what} must be a datetime or an ISO 8601 string")
-    return to_micros(moment)
+
+def _canonical_id(text: str) -> bool:
+    """True when `text` is a session id as the store writes it (lower-case hex, dashes)."""
+    try:
+        return str(UUID(text)) == text
+    except ValueError:
+        return False
 
 
 def _decode_cursor(cursor: str | None) -> tuple[int, str] | None:
     if cursor is None:
         return None
     micros, _, sid = str(cursor).partition(".")
-    if not decimal_digits(micros) or len(sid) != 36:
+    if not (decimal_digits(micros) and int(micros) <= MAX_MICROS and _canonical_id(sid)):
         raise InvalidArgument(f"invalid cursor {cursor!r}: pass a Page.next_cursor")
     return int(micros), sid

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -20,9 +23,11 @@ from sessionledger.projections.catalog import SessionSummary
 from sessionledger.projections.snapshots import CURRENT_FORMAT
 
 from .cli_audit import (
+    OptionError,
     add_audit_verbs,
     add_history_options,
     add_show_options,
+    count_option,
     history_filtered,
     jsonable,
     show_at,
@@ -30,6 +35,7 @@ from .cli_audit import (
 )
 from .engine import SessionEngine
 from .retention import RetentionPolicy
+from .verify import VerifyReport
 
 
 def _short_time(moment: datetime) -> str:
@@ -71,20 +77,18 @@ def cmd_snapshots_rebuild(engine: SessionEngine, args: argparse.Namespace) -> No
           else f"{written} snapshots written in format {CURRENT_FORMAT}")
 
 
+_AGE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)([dhms]?)")
+
+
 def parse_age(text: str) -> float:
-    """'30d', '12h', '15m', '45s' or plain seconds, as seconds."""
-    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
-    value = text.strip().lower()
-    factor = units.get(value[-1:])
-    number = value[:-1] if factor is not None else value
-    try:
-        seconds = float(number) * (factor or 1.0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid age {text!r}: use 30d, 12h, 15m, 45s or seconds") from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError("an age is never negative")
-    return seconds
+    """'30d', '12h', '15m', '45s' or plain seconds (ASCII digits, a decimal point), as seconds;
+    OptionError otherwise (so no NaN, inf, sign or exponent). An age too long for a float is
+    math.inf, which cleanup() takes to match no session."""
+    match = _AGE.fullmatch(text.strip().lower())
+    if match is None:
+        raise OptionError(f"invalid --max-age {text!r}: use 30d, 12h, 15m, 45s or seconds")
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
+    return float(match[1]) * units[match[2]]
 
 
 def cmd_cleanup(engine: SessionEngine, args: argparse.Namespace) -> None:
@@ -107,16 +111,20 @@ def cmd_cleanup(engine: SessionEngine, args: argparse.Namespace) -> None:
 def cmd_verify(engine: SessionEngine, args: argparse.Namespace) -> int:
     report = engine.verify(args.session_id)
     if args.json:
-        print(json.dumps({"ok": report.ok, "sessions": report.sessions, "events": report.events,
-                          "snapshots": report.snapshots,
-                          "problems": [{"session_id": p.session_id, "version": p.version,
-                                        "what": p.what} for p in report.problems]}, indent=2))
+        print(json.dumps(_verify_dict(report), indent=2))
     else:
         print(f"checked {report.sessions} sessions, {report.events} events, "
               f"{report.snapshots} snapshots: {'ok' if report.ok else 'PROBLEMS'}")
         for problem in report.problems:
             print(f"  {problem}")
     return 0 if report.ok else 2
+
+
+def _verify_dict(report: VerifyReport) -> dict[str, Any]:
+    return {"ok": report.ok, "sessions": report.sessions, "events": report.events,
+            "snapshots": report.snapshots,
+            "problems": [{"session_id": p.session_id, "version": p.version, "what": p.what}
+                         for p in report.problems]}
 
 
 def cmd_rebuild(engine: SessionEngine, args: argparse.Namespace) -> None:
@@ -173,7 +181,7 @@ def cmd_subscribers(engine: SessionEngine, args: argparse.Namespace) -> None:
 
 def cmd_subscribers_run(engine: SessionEngine, args: argparse.Namespace) -> None:
     for target in args.setup or ():
-        load_setup(target)(engine)
+        run_setup(target, engine)
     if args.until_idle:
         delivered = engine.run_subscribers(until_idle=True)
         print(json.dumps(delivered) if args.json else
@@ -197,30 +205,52 @@ def load_setup(target: str) -> Any:
     try:
         module = importlib.import_module(module_name)
         setup = getattr(module, attribute)
-    except (ImportError, AttributeError) as error:
-        raise InvalidArgument(f"--setup {target!r}: {error}") from None
+    except Exception as error:  # importing runs the user's module: it may raise anything
+        raise InvalidArgument(f"--setup {target!r}: {type(error).__name__}: {error}") from None
     if not callable(setup):
         raise InvalidArgument(f"--setup {target!r} is not callable")
     return setup
 
 
+def run_setup(target: str, engine: SessionEngine) -> None:
+    """Call the setup function named by 'module:function' with the engine; whatever it raises
+    is one InvalidArgument naming the function (it is the user's code, not sessionledger's)."""
+    setup = load_setup(target)
+    try:
+        result = setup(engine)
+    except Exception as error:
+        raise InvalidArgument(f"--setup {target!r} failed: {type(error).__name__}: "
+                              f"{error}") from None
+    if inspect.isawaitable(result):  # an async function: nothing it would do has run
+        getattr(result, "close", lambda: None)()
+        raise InvalidArgument(f"--setup {target!r} is async: expected a plain "
+                              f"function(engine)")
+
+
 def cmd_demo(engine: SessionEngine, args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(engine)
+    if not args.json:
+        run_demo(engine)
+        return
+    result = run_demo(engine, say=lambda _line: None)
+    sessions = [engine.get(sid) for sid in result.session_ids]
+    print(json.dumps(jsonable({
+        "url": engine.url, "durability": engine.config.durability,
+        "commands": result.commands, "seconds": round(result.seconds, 3),
+        "sessions": [{"id": s.id, "name": s.name, "status": s.status.value,
+                      "version": s.version, "parent": s.parent, "tags": s.tags}
+                     for s in sessions],
+        "verify": _verify_dict(result.report),
+        "events_total": engine.metrics().get("events_total"),
+    }), indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sessionledger", description="An event-sourced session engine."
     )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--url", default=None,
-        help="database URL (sqlite:///FILE, postgresql+psycopg://...); "
-             "default $SESSIONLEDGER_URL, else ./sessionledger.db",
-    )
-    common.add_argument("--json", action="store_true", help="print JSON for machines")
+    common = _common_options(url=None, as_json=False)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     demo = verbs.add_parser("demo", parents=[common],
@@ -232,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--tag", action="append", help="sessions with this tag (repeatable: all)")
     ls.add_argument("--name", help="exact session name")
     ls.add_argument("--parent", metavar="ID", help="children of this session")
-    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--limit", type=count_option("--limit", least=1, most=10_000), default=100,
+                    metavar="N", help="sessions per page, 1..10000 (default 100)")
     ls.add_argument("--cursor", help="the next page (printed after a full page)")
     ls.set_defaults(run=cmd_ls)
     show = verbs.add_parser("show", parents=[common], help="show one session")
@@ -256,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                                help="archive (or purge) ended sessions by age and count")
     cleanup.add_argument("--max-age", type=parse_age, metavar="AGE",
                          help="ended longer ago than this: 30d, 12h, 15m, 45s")
-    cleanup.add_argument("--keep-last", type=int, metavar="N",
-                         help="always keep the newest N ended sessions")
+    cleanup.add_argument("--keep-last", type=count_option("--keep-last", clamp=True),
+                         metavar="N", help="always keep the newest N ended sessions")
     cleanup.add_argument("--purge", action="store_true",
                          help="delete events and snapshots for good (a tombstone stays) "
                               "instead of archiving")
@@ -278,8 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    help="list durable subscribers with position and lag")
     subscribers.set_defaults(run=cmd_subscribers)
     subscriber_verbs = subscribers.add_subparsers(dest="subscribers_verb", metavar="VERB")
+    # no defaults here: argparse would copy them over --url/--json given before `run`
+    nested = _common_options(url=argparse.SUPPRESS, as_json=argparse.SUPPRESS)
     run = subscriber_verbs.add_parser(
-        "run", parents=[common], help="run the durable subscribers in this process")
+        "run", parents=[nested], help="run the durable subscribers in this process")
     run.add_argument("--setup", action="append", metavar="MODULE:FUNCTION",
                      help="a function(engine) that registers subscribers (repeatable)")
     run.add_argument("--until-idle", action="store_true",
@@ -288,10 +321,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _common_options(url: str | None, as_json: bool | str) -> argparse.ArgumentParser:
+    """A parent parser with --url and --json, with these defaults."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--url", default=url,
+        help="database URL (sqlite:///FILE, postgresql+psycopg://...); "
+             "default $SESSIONLEDGER_URL, else ./sessionledger.db",
+    )
+    parser.add_argument("--json", action="store_true", default=as_json,
+                        help="print JSON for machines")
+    return parser
+
+
+def _argument_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each argument's dest -> how the command line spells it (--type, ID), in every verb."""
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for verb in action.choices.values():
+                names.update(_argument_names(verb))
+        elif action.option_strings:
+            names[action.dest] = action.option_strings[-1]
+        else:
+            names[action.dest] = action.metavar if isinstance(action.metavar, str) else action.dest
+    return names
+
+
+def check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """InvalidArgument naming the option for text that is not valid Unicode: bytes the system
+    could not decode come in argv as lone surrogates, which no database driver can take."""
+    names = _argument_names(parser)
+    given = [(names.get(dest, dest), value) for dest, value in vars(args).items()]
+    if args.url is None:
+        given.append(("$SESSIONLEDGER_URL", os.environ.get("SESSIONLEDGER_URL")))
+    for name, value in given:
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidArgument(f"{name} {text!r} is not valid text (bytes the system "
+                                          f"could not decode as Unicode)") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sessionledger` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)  # OptionError: a value its `type=` function refused
+        check_text(parser, args)
         with SessionEngine(args.url) as engine:
             status = args.run(engine, args)
     except SessionLedgerError as error:

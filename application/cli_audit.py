@@ -9,7 +9,9 @@
 Readable tables by default, `--json` for machines. A TIME is ISO 8601: 2026-11-25T10:00:00Z,
 2026-11-25T11:00:00+01:00, or a date alone (midnight UTC); a time without an offset is UTC.
 Windows are half-open: since <= time < until. Bad input raises a SessionLedgerError, which
-cli.main() prints as one line before exiting 1.
+cli.main() prints as one line before exiting 1. Numbers are ASCII digits. In JSON, float NaN and
+infinities are the strings "NaN", "Infinity" and "-Infinity" (bare NaN is not JSON), bytes are
+hex, and datetimes, UUIDs and Decimals are strings.
 
 Wiring (cli.build_parser): ``add_audit_verbs(verbs, common)``; on the `show` parser
 ``add_show_options(show)`` and ``set_defaults(run=show_at)``; on the `history` parser
@@ -21,13 +23,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+import math
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from sessionledger.domain.errors import InvalidArgument
+from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
 from sessionledger.domain.events import SessionEvent
 from sessionledger.domain.session import Session
 from sessionledger.domain.values import decimal_digits
@@ -54,22 +58,52 @@ def audit_of(engine: SessionEngine) -> AuditQueries:
 # -- parsing -------------------------------------------------------------------------------
 
 
+class OptionError(SessionLedgerError):
+    """A command-line value refused by an argparse `type=` function. Not a ValueError, which
+    argparse would turn into a usage message and exit 2: cli.main() prints it as one line."""
+
+
+def parse_count(text: str, what: str, *, least: int = 0, most: int = sys.maxsize,
+                clamp: bool = False) -> int:
+    """A whole number in least..most from the command line (InvalidArgument otherwise); with
+    `clamp`, one past `most` is `most`. ASCII digits only: int() also reads '١٢', '+1' and '1_0'.
+    """
+    digits = text.strip()
+    if not decimal_digits(digits):
+        raise InvalidArgument(f"{what} must be a whole number, got {text!r}")
+    digits = digits.lstrip("0") or "0"
+    # a number longer than `most` is past it: int() would refuse 4,300 digits
+    value = int(digits) if len(digits) <= len(str(most)) else most + 1
+    if clamp:
+        value = min(value, most)
+    if not least <= value <= most:
+        raise InvalidArgument(f"{what} must be in {least}..{most}, got {text!r}")
+    return value
+
+
+def count_option(option: str, *, least: int = 0, most: int = sys.maxsize,
+                 clamp: bool = False) -> Callable[[str], int]:
+    """An argparse `type=` reading `option`'s value with parse_count (OptionError otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            return parse_count(text, option, least=least, most=most, clamp=clamp)
+        except InvalidArgument as error:
+            raise OptionError(str(error)) from None
+    return parse
+
+
 def parse_version(text: str, what: str = "version") -> int:
     """A version number from the command line (InvalidArgument otherwise)."""
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise InvalidArgument(f"{what} must be a version number, got {text!r}") from None
-    if value < 0:
+    if not decimal_digits(text.strip()):
         raise InvalidArgument(f"{what} must be a version number, got {text!r}")
-    return value
+    return parse_count(text, what)
 
 
 def parse_version_or_time(text: str) -> int | datetime:
     """`--at`: digits are a version, anything else an ISO 8601 time."""
     stripped = text.strip()
     if decimal_digits(stripped):
-        return int(stripped)
+        return parse_version(stripped, "--at")
     return parse_time(stripped, "--at")
 
 
@@ -77,26 +111,20 @@ def _types(values: Sequence[str] | None) -> list[str] | None:
     """Repeated --type options, each possibly a comma-separated list."""
     if not values:
         return None
-    return [name.strip() for value in values for name in value.split(",") if name.strip()]
-
-
-def _limit(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise InvalidArgument(f"--limit must be a number >= 0, got {text!r}")
-    return value
+    types = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    if not types:  # `--type ,` would otherwise match no event at all
+        raise InvalidArgument(f"--type names no event type: {','.join(values)!r}")
+    return types
 
 
 # -- output --------------------------------------------------------------------------------
 
 
 def jsonable(value: Any) -> Any:
-    """`value` with datetimes, UUIDs, Decimals and bytes as JSON-friendly strings."""
+    """`value` with datetimes, UUIDs, Decimals and bytes as JSON-friendly strings, and float NaN
+    and infinities as "NaN", "Infinity" and "-Infinity" (bare NaN is not valid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
     if isinstance(value, dict):
         return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -268,8 +296,7 @@ def cmd_timeline(engine: SessionEngine, args: argparse.Namespace) -> None:
     order, printed as they stream in (constant memory on any number of events)."""
     events = audit_of(engine).timeline(since=args.since, until=args.until,
                                        types=_types(args.types))
-    limit = _limit(args.limit)
-    shown = events if limit is None else itertools.islice(events, limit)
+    shown = events if args.limit is None else itertools.islice(events, args.limit)
     try:
         if args.json:
             # a JSON array, one event per line, written as the events arrive
@@ -336,7 +363,8 @@ def add_audit_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser],
                                 help="every session's events in commit order, streamed")
     _add_window(timeline)
     timeline.add_argument("--limit", metavar="N", default=None,
-                          help="stop after N events")
+                          type=count_option("--limit", clamp=True),
+                          help=f"stop after N events (N past {sys.maxsize}: no limit)")
     timeline.set_defaults(run=cmd_timeline)
 
     blame = verbs.add_parser("blame", parents=[common],

@@ -74,6 +74,12 @@ class SessionConfig:
             not isinstance(self.integrity_key, str | bytes) or not self.integrity_key
         ):
             raise InvalidArgument("integrity_key must be a non-empty str or bytes")
+        if isinstance(self.integrity_key, str):
+            try:
+                self.integrity_key.encode()  # the key is its UTF-8 bytes
+            except UnicodeEncodeError:
+                raise InvalidArgument(
+                    "integrity_key must be valid Unicode (it holds a lone surrogate)") from None
 
     def chain_key(self) -> bytes | None:
         """The 32-byte blake3 key derived from integrity_key (None when unset)."""

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 
 from sessionledger.domain.errors import InvalidTransition
 
 from .engine import SessionEngine
+from .verify import VerifyReport
 
 
-def run_demo(engine: SessionEngine) -> None:
-    """Run the scenario on `engine` and print what happened."""
-    say = print
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo did: its sessions, the commands it ran, how long they took, verify()."""
+
+    session_ids: list[str]
+    commands: int
+    seconds: float
+    report: VerifyReport
+
+
+def run_demo(engine: SessionEngine, say: Callable[[str], object] = print) -> DemoResult:
+    """Run the scenario on `engine`, telling `say` what happened, and return what it did."""
     say(f"sessionledger demo on {engine.url}\n")
     # an in-process hook: every committed lifecycle event, after its commit
     seen: list[str] = []
@@ -102,3 +114,4 @@ def run_demo(engine: SessionEngine) -> None:
     say("\nread it again: sessionledger ls, sessionledger show ID [--at N], sessionledger "
         "history ID, sessionledger diff ID A B, sessionledger blame ID KEY, sessionledger "
         "verify")
+    return DemoResult([agent, workflow, child, user], commands, elapsed, report)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
@@ -51,6 +52,7 @@ from .repository import SessionRepository
 from .retention import CleanupReport, RetentionPolicy
 from .subscribers import (
     DEFAULT_BATCH,
+    MAX_BATCH,
     Consumer,
     HandlerSubscriber,
     SubscriberRunner,
@@ -76,6 +78,12 @@ _verify_counter: Any = None
 def _start_verify_worker(counter: Any) -> None:
     global _verify_counter
     _verify_counter = counter
+
+
+def _close_verify_pool(pool: ProcessPoolExecutor, counter: Any) -> None:
+    """Wait for a parallel verify's workers to exit; `counter` is kept alive until then."""
+    pool.shutdown(wait=True, cancel_futures=True)
+    del counter
 
 
 def _verify_pieces(url: str, config: SessionConfig,
@@ -439,7 +447,8 @@ class SessionEngine:
         """The most recently created sessions, newest first, at their latest version."""
         if type(limit) is not int or limit < 0:
             raise InvalidArgument(f"limit must be an int >= 0, got {limit!r}")
-        return [self.get(sid) for sid in self._store.newest_session_ids(limit)]
+        # (a LIMIT the databases take: no store holds 2**62 sessions)
+        return [self.get(sid) for sid in self._store.newest_session_ids(min(limit, 2**62))]
 
     # -- snapshots ---------------------------------------------------------------------------
 
@@ -479,13 +488,17 @@ class SessionEngine:
         text, types = checked_subscription(name, handler, events)
         if text in (CATALOG_NAME, REBUILD_NAME):
             raise InvalidArgument(f"subscriber name {text!r} is reserved")
+        if type(transactional) is not bool:  # "no" would read as True
+            raise InvalidArgument(f"transactional must be a bool, got {transactional!r}")
         with self._lock:
             self._durable[text] = HandlerSubscriber(
-                text, handler, types, bool(transactional), self._codec.payloads
+                text, handler, types, transactional, self._codec.payloads
             )
 
     def unsubscribe(self, name: str) -> None:
         """Stop running the durable subscriber `name` here (its position stays tracked)."""
+        if not isinstance(name, str):
+            raise InvalidArgument(f"subscriber name must be a str, got {type(name).__name__}")
         with self._lock:
             self._durable.pop(name, None)
 
@@ -504,10 +517,11 @@ class SessionEngine:
         until_idle=True: deliver everything pending and return {name: events delivered}; a
         failing handler raises SubscriberFailed. Otherwise start a background thread that keeps
         delivering (woken by LISTEN/NOTIFY on PostgreSQL, a 50 ms poll on SQLite) and return
-        its handle: ``handle.stop()``.
+        its handle: ``handle.stop()``. `batch_size`: events read per batch, 1..1,000,000.
         """
-        if type(batch_size) is not int or batch_size < 1:
-            raise InvalidArgument(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if type(batch_size) is not int or not 1 <= batch_size <= MAX_BATCH:
+            raise InvalidArgument(
+                f"batch_size must be an int in 1..{MAX_BATCH:,}, got {batch_size!r}")
         runner = SubscriberRunner(self._subscriptions, batch_size)
         if until_idle:
             delivered = {}
@@ -562,9 +576,8 @@ class SessionEngine:
                 "(or `sessionledger rebuild catalog`)"
             )
         parent_id = None if parent is None else parse_session_id(parent)
-        self._catalog.catch_up()
         return self._catalog.find(status, tags, name, parent_id, updated_after,
-                                  updated_before, limit, cursor)
+                                  updated_before, limit, cursor, catch_up=True)
 
     def rebuild(self, projection: str, progress: RebuildProgress | None = None) -> int:
         """Rebuild a read model from the whole log and swap it in; return the events folded.
@@ -575,6 +588,8 @@ class SessionEngine:
         """
         if projection != CATALOG_NAME:
             raise InvalidArgument(f"unknown projection {projection!r}: expected 'catalog'")
+        if progress is not None and not callable(progress):
+            raise InvalidArgument(f"progress must be a callable or None, got {progress!r}")
         folded = self._catalog.rebuild(progress)
         self._catalog_outdated = False
         return folded
@@ -622,15 +637,19 @@ class SessionEngine:
             if policy.action == "purge":
                 statuses.append(SessionStatus.ARCHIVED.value)
             cutoff = None
-            if policy.max_age_seconds is not None:
-                cutoff = now_us() - int(policy.max_age_seconds * 1_000_000)
+            age = policy.max_age_seconds
+            if age is not None:
+                now = now_us()
+                # an age reaching back before 1970 (up to inf) leaves no session old enough
+                cutoff = now - int(age * 1_000_000) if age * 1_000_000 < now else 0
             candidates = self._catalog.tables.find(statuses, None, None, None, None, cutoff,
                                                    1_000_000_000, None)
             # keep_last counts every ended session, old or not: the newest N stay
             keep = set()
             if policy.keep_last is not None:
+                # (a LIMIT the databases take: no store holds 2**62 sessions)
                 newest = self._catalog.tables.find(statuses, None, None, None, None, None,
-                                                   max(policy.keep_last, 1), None)
+                                                   min(max(policy.keep_last, 1), 2**62), None)
                 keep = {row[0] for row in newest[: policy.keep_last]}
             chosen = [row for row in candidates if row[0] not in keep]
             ids = [row[0] for row in chosen]
@@ -665,7 +684,8 @@ class SessionEngine:
         """Check the hash chain, the events and the snapshots of every session (or one).
 
         Returns a VerifyReport: ``report.ok``, and ``report.problems`` naming session, version
-        and what is wrong (the first broken link of each session). `workers` > 1 checks the
+        and what is wrong (the first broken link of each session). SessionNotFound (or
+        SessionPurged) when `session_id` names no session. `workers` > 1 checks the
         sessions in that many processes (this one included), which take pieces of the log (by
         session id) as they get free; by default a log of more than 200,000 events on a file or
         server database uses up to 4 (the CPUs there are).
@@ -679,8 +699,13 @@ class SessionEngine:
             big = shared and self._subscriptions.head() > _PARALLEL_VERIFY_FROM
             workers = min(os.cpu_count() or 1, 4) if big else 1
         verifier = Verifier(self._store, self._codec, self._repository)
-        if sid is not None or workers == 1 or not shared:
-            return verifier.run(sid)
+        if sid is not None:
+            report = verifier.run(sid)
+            if report.sessions == 0 and report.ok:  # no events, no snapshots: no such session
+                raise self._writer.not_found(sid)
+            return report
+        if workers == 1 or not shared:
+            return verifier.run()
         url = self._store.url.render_as_string(hide_password=False)
         config = dataclasses.replace(self.config, lifecycle_hooks=False, auto_rebuild=False)
         context = multiprocessing.get_context("spawn")
@@ -703,9 +728,12 @@ class SessionEngine:
                 for future in others:
                     reports.extend(future.result())
         finally:
-            # not waiting for the workers to exit: each has closed its engine by the time its
-            # result is in, and one that got no piece may still be importing
-            pool.shutdown(wait=False, cancel_futures=True)
+            # Not waiting here for the workers to exit: each has closed its engine by the time
+            # its result is in, and one that got no piece may still be importing. A thread
+            # waits instead, holding the shared counter: a worker opens it as it starts, and
+            # once this process dropped it the worker failed with FileNotFoundError.
+            threading.Thread(target=_close_verify_pool, args=(pool, counter),
+                             name="sessionledger-verify-pool").start()
         return merge(reports)
 
     # -- observability -------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -12,8 +13,9 @@ from sessionledger.domain.errors import InvalidArgument
 class RetentionPolicy:
     """What engine.cleanup() does to ended sessions (COMPLETED, FAILED, CANCELLED).
 
-    max_age: sessions whose last event is older than this (a timedelta or seconds).
-    keep_last: keep the newest N ended sessions whatever their age.
+    max_age: sessions whose last event is older than this (a timedelta or seconds; an age
+        longer than the time since 1970, math.inf included, matches no session).
+    keep_last: keep the newest N ended sessions whatever their age (any int >= 0).
     At least one of the two must be given; with both, a session must be older than max_age and
     not among the newest keep_last.
     archive=True (the default action): append SessionArchived to each.
@@ -37,7 +39,10 @@ class RetentionPolicy:
             ):
                 raise InvalidArgument(f"max_age must be a timedelta or seconds, got "
                                       f"{self.max_age!r}")
-            if self.max_age_seconds is not None and self.max_age_seconds < 0:
+            seconds = self.max_age_seconds
+            if seconds is not None and math.isnan(seconds):
+                raise InvalidArgument("max_age must be a number of seconds, got NaN")
+            if seconds is not None and seconds < 0:
                 raise InvalidArgument("max_age must not be negative")
         if self.keep_last is not None and (type(self.keep_last) is not int or self.keep_last < 0):
             raise InvalidArgument(f"keep_last must be an int >= 0, got {self.keep_last!r}")
@@ -59,7 +64,10 @@ class RetentionPolicy:
             return None
         if isinstance(self.max_age, timedelta):
             return self.max_age.total_seconds()
-        return float(self.max_age)
+        try:
+            return float(self.max_age)
+        except OverflowError:  # an int beyond any float: older than anything can be
+            return math.inf if self.max_age > 0 else -math.inf
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ from sessionledger.projections.replay import current_data
 log = logging.getLogger("sessionledger.subscribers")
 
 DEFAULT_BATCH = 1000
+#: the largest batch run_subscribers() takes (a batch is held in memory whole)
+MAX_BATCH = 1_000_000
 
 
 class SubscriberFailed(SessionLedgerError):
@@ -115,8 +117,10 @@ def checked_subscription(
         return text, None
     if isinstance(events, str) or not hasattr(events, "__iter__"):
         raise InvalidArgument("events must be a list of event type names")
-    types = tuple(sorted(set(events)))
-    unknown = [t for t in types if t not in EVENT_TYPES]
+    listed = list(events)
+    unknown = [t for t in listed if not isinstance(t, str) or t not in EVENT_TYPES]
+    # (the unknown may be unhashable: they are only named)
+    types = tuple(sorted({t for t in listed if isinstance(t, str) and t in EVENT_TYPES}))
     if unknown or not types:
         raise InvalidArgument(
             f"unknown event types {unknown}: expected some of {sorted(EVENT_TYPES)}"

@@ -250,6 +250,15 @@ class SessionWriter:
         if actor is not None or correlation_id is not None or idempotency_key is not None:
             actor, correlation_id, idempotency_key = checked_meta(
                 actor, correlation_id, idempotency_key)
+        if expected_version is not None and type(expected_version) is not int:
+            # an int, checked: True, 2.0 or Decimal(3) compare equal to a version, and a str
+            # would read as a conflict
+            if isinstance(expected_version, bool) or not isinstance(expected_version, int):
+                raise InvalidArgument(
+                    f"expected_version must be an int, got {expected_version!r}")
+            expected_version = int.__int__(expected_version)
+        if expected_version is not None and expected_version < 1:
+            raise InvalidArgument(f"expected_version must be >= 1, got {expected_version}")
         key = idempotency_key
         with self.lock:
             if key is not None:

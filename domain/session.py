@@ -170,6 +170,8 @@ class Session:
         if checkpoint is not None and version is not None:
             raise InvalidArgument("give checkpoint= or version=, not both")
         if checkpoint is not None:
+            if not isinstance(checkpoint, str):
+                raise InvalidArgument(f"checkpoint must be a label (str), got {checkpoint!r}")
             if checkpoint not in self.checkpoints:
                 raise CheckpointNotFound(self.id, f"checkpoint {checkpoint!r}")
             return self.checkpoints[checkpoint]
@@ -214,7 +216,7 @@ class Session:
 
     def decide_end(self, outcome: Any) -> list[PendingEvent]:
         """SessionEnded with outcome completed, failed or cancelled."""
-        if outcome not in OUTCOMES:
+        if not isinstance(outcome, str) or outcome not in OUTCOMES:
             raise InvalidArgument(
                 f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}"
             )

@@ -24,9 +24,6 @@ MAX_DEPTH = 100
 MAX_NAME_LENGTH = 256
 MAX_LABEL_LENGTH = 256
 
-_SCALARS = (str, float, bool, type(None), datetime, UUID, Decimal)
-
-
 #: where a value sits, built only when a message needs it: the root's name, or (parent, key)
 #: with a str key of a dict or an int index of a list (a tuple costs a third of the f-string
 #: each key would otherwise format on every command)
@@ -77,10 +74,12 @@ def _checked(value: Any, at: KeyPath, depth: int) -> Any:
         out = {}
         for key, item in value.items():
             if type(key) is not str:
-                raise UnsupportedValue(
-                    f"{key_path(at)}[{key!r}]",
-                    f"dict key of type {type(key).__name__}, keys must be str",
-                )
+                if not isinstance(key, str):
+                    raise UnsupportedValue(
+                        f"{key_path(at)}[{key!r}]",
+                        f"dict key of type {type(key).__name__}, keys must be str",
+                    )
+                key = str.__str__(key)  # a str subclass (a str-enum): its text, as plain str
             if not key.isascii():
                 _check_encodable(key, f"{key_path(at)}[{key!r}]")
             out[key] = _checked(item, (at, key), depth + 1)
@@ -94,26 +93,41 @@ def _checked(value: Any, at: KeyPath, depth: int) -> Any:
     if kind is bytearray or kind is memoryview:
         return bytes(value)
     if kind is datetime:
-        return _stored_datetime(value)
-    if isinstance(value, _SCALARS) and not isinstance(value, bool | int):
-        # subclasses of str/float and datetime/UUID/Decimal (str-enums are stored as plain str)
-        if isinstance(value, str):
-            return _checked(str(value), at, depth)
-        if isinstance(value, float):
-            return float(value)
+        return _stored_datetime(value, at)
+    if kind is UUID or kind is Decimal:
         return value
+    # Subclasses become their base type, by the base type's own conversion: what is stored
+    # is the value itself, never what an overridden __str__, isoformat() or __float__ says
+    # (a str-enum member is its text, not "Kind.MEMBER"), and what the engine holds equals
+    # what a reload gives back.
+    if isinstance(value, str):
+        return _checked(str.__str__(value), at, depth)
+    if isinstance(value, float):
+        return float.__float__(value)
     if isinstance(value, int) and not isinstance(value, bool):
-        return _checked(int(value), at, depth)
+        return _checked(int.__int__(value), at, depth)
+    if isinstance(value, datetime):
+        return _stored_datetime(datetime(
+            value.year, value.month, value.day, value.hour, value.minute, value.second,
+            value.microsecond, value.tzinfo, fold=value.fold), at)
+    if isinstance(value, UUID):
+        return UUID(int=value.int)
+    if isinstance(value, Decimal):
+        return Decimal(value)
     raise UnsupportedValue(key_path(at), f"type {kind.__name__} is not supported")
 
 
-def _stored_datetime(moment: datetime) -> datetime:
+def _stored_datetime(moment: datetime, at: KeyPath) -> datetime:
     """The datetime as the store gives it back: a zone (ZoneInfo, ...) becomes its fixed UTC
     offset at that instant, so what the engine holds equals what a reload returns."""
     tz = moment.tzinfo
     if tz is None or type(tz) is timezone:
         return moment
-    offset = moment.utcoffset()
+    try:
+        offset = moment.utcoffset()
+    except Exception as error:  # a user's tzinfo: it may raise anything
+        raise UnsupportedValue(
+            key_path(at), f"datetime whose tzinfo gives no UTC offset ({error!r})") from None
     return moment if offset is None else moment.replace(tzinfo=timezone(offset))
 
 
@@ -179,7 +193,7 @@ def checked_text(value: Any, what: str, max_length: int = MAX_NAME_LENGTH) -> st
                 )
             if category == "Cs":
                 raise InvalidArgument(f"{what} must be valid Unicode (a lone surrogate)")
-    return str(value)
+    return str.__str__(value)  # a str subclass's text, as plain str (a str-enum member)
 
 
 def checked_optional_text(value: Any, what: str, max_length: int = MAX_NAME_LENGTH) -> str | None:

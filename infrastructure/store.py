@@ -99,6 +99,16 @@ def resolve_url(url: str | URL | None) -> URL:
         raise StorageError(
             f"a database URL is a str or a sqlalchemy URL, got {type(url).__name__}"
         )
+    parts = [parsed.drivername, parsed.username, parsed.password, parsed.host,
+             parsed.database, *(str(value) for value in parsed.query.values())]
+    text = "".join(part for part in parts if isinstance(part, str))
+    if "\x00" in text:
+        raise StorageError("the database URL holds a NUL character")
+    try:
+        text.encode()  # drivers take UTF-8: a lone surrogate (an undecodable file name)
+    except UnicodeEncodeError:
+        raise StorageError("the database URL is not valid Unicode (a lone surrogate, as an "
+                           "undecodable file name gives)") from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     backend = parsed.get_backend_name()

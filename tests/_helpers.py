@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import struct
 from dataclasses import dataclass, field
@@ -10,7 +11,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sessionledger import SessionEngine
+from sessionledger.cli import main
 
 SQLITE = "sqlite"
 MEMORY = "memory"
@@ -120,3 +124,39 @@ class Backend:
                 return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
                         for row in rows]
         raise AssertionError(f"no raw SQL access to a {self.kind} database")
+
+
+class Cli:
+    """Runs `sessionledger ...` and captures its output; `url` is appended unless given."""
+
+    def __init__(self, url: str, capsys: pytest.CaptureFixture[str]) -> None:
+        self.url = url
+        self.capsys = capsys
+
+    def __call__(self, *argv: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        code = main([*argv] if "--url" in argv else [*argv, "--url", self.url])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def ok(self, *argv: str) -> str:
+        code, out, err = self(*argv)
+        assert (code, err) == (0, ""), err
+        return out
+
+    def json(self, *argv: str) -> Any:
+        return strict_json(self.ok(*argv, "--json"))
+
+    def fails(self, *argv: str, match: str) -> str:
+        code, out, err = self(*argv)
+        assert code == 1 and out == "", (code, out, err)
+        assert err.startswith("sessionledger: error: ") and err.count("\n") == 1, err
+        assert match in err, err
+        return err
+
+
+def strict_json(text: str) -> Any:
+    """json.loads refusing NaN and Infinity, which Python reads but JSON does not have."""
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not valid JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import MEMORY, POSTGRESQL, SQLITE, Backend
+from _helpers import MEMORY, POSTGRESQL, SQLITE, Backend, Cli
 from sqlalchemy.engine import make_url
 
 from sessionledger import SessionConfig, SessionEngine
@@ -151,3 +151,9 @@ def pg_backend() -> Iterator[Backend]:
     """A fresh PostgreSQL schema (for PostgreSQL-only tests; skips/fails like the others)."""
     with make_backend(POSTGRESQL, Path()) as b:
         yield b
+
+
+@pytest.fixture
+def cli(backend: Backend, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """Runs `sessionledger ...` on `backend`'s database, capturing what it prints."""
+    return Cli(backend.url, capsys)

@@ -7,8 +7,6 @@ the helpers the lead wires in (add_audit_verbs, add_show_options, add_history_op
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tracemalloc
 import uuid
@@ -18,7 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from _helpers import Backend, differences, same
+from _helpers import Backend, Cli, differences, same
 from conftest import EngineFactory
 
 from sessionledger import (
@@ -28,19 +26,12 @@ from sessionledger import (
     Session,
     SessionEngine,
     SessionEvent,
-    SessionLedgerError,
     SessionNotFound,
     SessionStatus,
 )
-from sessionledger import cli as cli_module
 from sessionledger.audit import AuditQueries, parse_time
 from sessionledger.cli_audit import (
-    add_audit_verbs,
-    add_history_options,
-    add_show_options,
     audit_of,
-    history_filtered,
-    show_at,
 )
 from sessionledger.domain.events import to_datetime, to_micros
 from sessionledger.infrastructure.codec import GENESIS_DIGEST
@@ -676,79 +667,6 @@ def test_audit_of_builds_queries_on_the_engine() -> None:
 
 
 # -- the command line ---------------------------------------------------------------------------
-
-
-def _wired_main() -> bool:
-    """True once cli.build_parser() has the audit verbs (then the real main() is tested)."""
-    parser = cli_module.build_parser()
-    return any(isinstance(action, argparse._SubParsersAction) and "blame" in action.choices
-               for action in parser._actions)
-
-
-def _local_parser() -> argparse.ArgumentParser:
-    """The parser cli.build_parser() becomes once wired (the verbs this module adds)."""
-    parser = argparse.ArgumentParser(prog="sessionledger")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=None)
-    common.add_argument("--json", action="store_true")
-    verbs = parser.add_subparsers(dest="verb", required=True)
-    show = verbs.add_parser("show", parents=[common])
-    show.add_argument("session_id", metavar="ID")
-    add_show_options(show)
-    show.set_defaults(run=show_at)
-    history = verbs.add_parser("history", parents=[common])
-    history.add_argument("session_id", metavar="ID")
-    add_history_options(history)
-    history.set_defaults(run=history_filtered)
-    add_audit_verbs(verbs, common)
-    return parser
-
-
-def _local_main(argv: list[str]) -> int:
-    """cli.main() with the parser above (same error handling)."""
-    args = _local_parser().parse_args(argv)
-    try:
-        with SessionEngine(args.url) as engine:
-            args.run(engine, args)
-    except SessionLedgerError as error:
-        print(f"sessionledger: error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-class Cli:
-    """Runs `sessionledger ...` against the test database and captures its output."""
-
-    def __init__(self, url: str, capsys: pytest.CaptureFixture[str]) -> None:
-        self.url = url
-        self.capsys = capsys
-        self.main = cli_module.main if _wired_main() else _local_main
-
-    def __call__(self, *argv: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = self.main([*argv, "--url", self.url])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def ok(self, *argv: str) -> str:
-        code, out, err = self(*argv)
-        assert (code, err) == (0, ""), err
-        return out
-
-    def json(self, *argv: str) -> Any:
-        return json.loads(self.ok(*argv, "--json"))
-
-    def fails(self, *argv: str, match: str) -> str:
-        code, out, err = self(*argv)
-        assert code == 1 and out == "", (code, out, err)
-        assert err.startswith("sessionledger: error: ") and err.count("\n") == 1, err
-        assert match in err, err
-        return err
-
-
-@pytest.fixture
-def cli(backend: Backend, capsys: pytest.CaptureFixture[str]) -> Cli:
-    return Cli(backend.url, capsys)
 
 
 def test_cli_show_at(engine_factory: EngineFactory, cli: Cli) -> None:

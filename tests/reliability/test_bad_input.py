@@ -23,6 +23,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
+from datetime import tzinfo as datetime_tzinfo
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from sessionledger import (
     InvalidArgument,
     InvalidSessionId,
     InvalidTransition,
+    RetentionPolicy,
     Session,
     SessionConfig,
     SessionEngine,
@@ -351,6 +355,16 @@ store("value-nested-too-deep", "a value nested deeper than 100 levels (lists, di
                       "5000-dicts": _deep_dict(5000)}, exact_paths=False))
 store("value-lone-surrogate", "a str holding a lone surrogate (not valid Unicode)",
       UnsupportedValue, value_variants({"surrogate": "a\ud800b"}))
+class _FailingZone(datetime_tzinfo):
+    """A user's tzinfo that cannot say its UTC offset."""
+
+    def utcoffset(self, dt: Any) -> Any:
+        raise RuntimeError("no offset here")
+
+
+store("value-datetime-failing-zone", "a datetime whose tzinfo raises from utcoffset()",
+      UnsupportedValue, value_variants({"failing-zone": datetime(2026, 1, 1,
+                                                                 tzinfo=_FailingZone())}))
 store("value-not-a-dict", "state changes or metadata that are not a dict", UnsupportedValue,
       {"changes-list": (lambda w: w.engine.update(w.active, [("a", 1)]), names_path("state")),
        "changes-str": (lambda w: w.engine.update(w.active, "a=1"), names_path("state")),
@@ -548,7 +562,43 @@ store("active-session", "resume or archive of an ACTIVE session", InvalidTransit
 
 store("end-outcome", "end(outcome=) not completed, failed or cancelled", InvalidArgument,
       {name: (lambda w, o=o: w.engine.end(w.active, outcome=o), None)
-       for name, o in {"unknown": "done", "upper-case": "COMPLETED", "None": None}.items()})
+       for name, o in {"unknown": "done", "upper-case": "COMPLETED", "None": None,
+                       "list": ["completed"]}.items()})
+store("restore-checkpoint-not-a-label", "restore(checkpoint=) given a list, a dict or an int",
+      InvalidArgument,
+      {name: (lambda w, c=c: w.engine.restore(w.active, checkpoint=c), None)
+       for name, c in {"list": ["cp"], "dict": {}, "int": 3}.items()})
+store("expected-version-not-a-version", "expected_version= given True, 1.0, Decimal(1), '1', "
+      "[1], 0 or -1 (True, 1.0 and Decimal(1) equal the version 1 under ==)", InvalidArgument,
+      {name: (lambda w, v=v: w.engine.update(w.active, {"x": 1}, expected_version=v), None)
+       for name, v in {"True": True, "float": float(ACTIVE_VERSION),
+                       "Decimal": Decimal(ACTIVE_VERSION), "str": str(ACTIVE_VERSION),
+                       "list": [ACTIVE_VERSION], "zero": 0, "negative": -1}.items()})
+store("find-bad-filter", "find() with a name or tag no session can have (a lone surrogate, a "
+      "NUL, not a str), status=[], or a cursor out of range", InvalidArgument,
+      {name: (lambda w, f=f: w.engine.find(**f), None) for name, f in {
+          "name-surrogate": {"name": "\ud800"}, "name-nul": {"name": "a\x00b"},
+          "name-list": {"name": [1]}, "name-int": {"name": 5},
+          "tag-surrogate": {"tags": ["\ud800"]}, "status-empty": {"status": []},
+          "cursor-30-digits": {"cursor": "9" * 30 + "." + _SOME_UUID},
+          "cursor-2**63": {"cursor": f"{2**63}.{_SOME_UUID}"},
+          "cursor-surrogate-id": {"cursor": "1." + "\ud800" * 36}}.items()})
+store("types-not-names", "history(types=) / timeline(types=) holding a list (unhashable)",
+      InvalidArgument,
+      {"history": (lambda w: w.engine.history(w.active, types=[["StateChanged"]]), None),
+       "timeline": (lambda w: list(w.engine.timeline(types=[["StateChanged"]])), None)})
+store("subscriber-arguments", "subscribe(events=[[...]]), subscribe(transactional='no'), "
+      "unsubscribe([1]), run_subscribers(batch_size=2**63)", InvalidArgument,
+      {"events-unhashable": (lambda w: w.engine.subscribe("s", print, events=[["x"]]), None),
+       "transactional-str": (lambda w: w.engine.subscribe("s", print, transactional="no"),
+                             None),
+       "unsubscribe-list": (lambda w: w.engine.unsubscribe([1]), None),  # type: ignore[arg-type]
+       "batch-size-huge": (lambda w: w.engine.run_subscribers(True, batch_size=2**63), None)})
+store("rebuild-progress-not-callable", "rebuild('catalog', progress=5): refused before any "
+      "work (no half-built tables left behind)", InvalidArgument,
+      {"int": (lambda w: w.engine.rebuild("catalog", progress=5), None)})  # type: ignore[arg-type]
+store("retention-max-age-nan", "RetentionPolicy(max_age=nan)", InvalidArgument,
+      {"nan": (lambda w: w.engine.cleanup(RetentionPolicy(max_age=float("nan"))), None)})
 store("delete-keys", "update(delete=) given a str or a list holding an int", InvalidArgument,
       {"str": (lambda w: w.engine.update(w.active, {"x": 1}, delete="a"), None),
        "int-key": (lambda w: w.engine.update(w.active, delete=[1]), None)})
@@ -569,13 +619,17 @@ opening("url-unsupported", "a URL of a database sessionledger does not support (
             "mysql": "mysql://user@localhost/db", "oracle": "oracle://scott:tiger@host/db",
             "mssql": "mssql+pyodbc://u@h/db", "http": "http://example.com/db",
             "made-up": "foo://x"}.items()})
-opening("url-garbage", "an empty, blank or unparsable URL, or one naming a driver that is not "
-        "installed", StorageError,
+opening("url-garbage", "an empty, blank or unparsable URL, one naming a driver that is not "
+        "installed, or one holding a NUL or a lone surrogate (an undecodable file name)",
+        StorageError,
         {name: (_engine(url), None) for name, url in {
             "empty": "", "blank": "   ", "only-separator": "://",
             "sqlite-missing-driver": "sqlite+nosuchdriver:///x.db",
             "postgresql-missing-driver": "postgresql+nosuchdriver://u@h/db",
-            "sqlite-root": "sqlite:////"}.items()})
+            "sqlite-root": "sqlite:////",
+            # what an undecodable file name becomes in Python, and a NUL
+            "surrogate-path": "sqlite:////tmp/x\udcff.db", "surrogate-bare-path": "x\udcff.db",
+            "nul-path": "sqlite:////tmp/x\x00.db"}.items()})
 opening("url-not-a-str", "SessionEngine(123) or SessionEngine(b'sqlite://')", StorageError,
         {"int": (_engine(123), None), "bytes": (_engine(b"sqlite://"), None)})
 opening("url-bad-sqlite-path", "a SQLite file in a directory that does not exist, or a "
@@ -663,6 +717,7 @@ BAD_CONFIGS: dict[str, dict[str, Any]] = {
     "integrity-key-empty": {"integrity_key": ""},
     "integrity-key-empty-bytes": {"integrity_key": b""},
     "integrity-key-int": {"integrity_key": 123},
+    "integrity-key-surrogate": {"integrity_key": "\ud800"},
     "snapshot-every-negative": {"snapshot_every": -1},
     "hook-errors-unknown": {"hook_errors": "ignore"},
 }
