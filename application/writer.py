@@ -40,6 +40,7 @@ from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec, Event
 from sessionledger.infrastructure.store import (
     EventStore,
     IdempotencyKeyUsed,
+    SessionGone,
     SnapshotRow,
     VersionConflict,
 )
@@ -214,6 +215,13 @@ class SessionWriter:
                     # ones for the others
                     snapshots.extend(self._apply_committing(session, pending, rows, rows[-1][3]))
                 position = self._store.append(all_rows, None, snapshots)
+            except SessionGone:
+                # a session of the batch was purged meanwhile: decide again without it (only
+                # purged ones leave; a purge is no lost race, so no retry is spent)
+                for session, _, _ in decided:
+                    self._working_set.pop(session.id, None)
+                ids = [sid for sid in ids if self._store.tombstone(sid) is None]
+                continue
             except VersionConflict:
                 for session, _, _ in decided:
                     self._working_set.pop(session.id, None)
@@ -309,6 +317,9 @@ class SessionWriter:
                 except IdempotencyKeyUsed as used_key:
                     self._working_set.pop(sid, None)
                     return used_key.version
+                except SessionGone:  # purged meanwhile (by another engine): nothing written
+                    self._working_set.pop(sid, None)
+                    raise self.not_found(sid) from None
                 except BaseException:
                     # a lost connection may leave the commit's fate unknown: re-read next time
                     self._working_set.pop(sid, None)

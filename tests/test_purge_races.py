@@ -1,0 +1,182 @@
+"""A cleanup(purge=True) in one engine while another engine writes the same session.
+
+The other engine may hold the session in its working set, or have loaded it just before the
+purge committed: its append must write nothing and raise SessionPurged. Before the fix it
+appended an event to a stream that no longer existed, and every catalog read (find, cleanup,
+save_all_active, run_subscribers, even rebuild) failed for good on "events of a session that
+never started".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from _helpers import POSTGRESQL, Backend
+from conftest import EngineFactory
+
+from sessionledger import RetentionPolicy, SessionEngine, SessionLedgerError, SessionPurged
+
+PURGE_NOW = RetentionPolicy(max_age=0, purge=True)
+
+
+def purge(engine: SessionEngine, *sids: str) -> None:
+    """End `sids` that are not ended yet, and purge every ended session."""
+    for sid in sids:
+        with contextlib.suppress(SessionLedgerError):
+            engine.end(sid)
+    assert set(sids) <= set(engine.cleanup(PURGE_NOW).session_ids)
+
+
+def leftovers(backend: Backend, sid: str) -> tuple[int, int]:
+    """(events, snapshots) the store still holds for `sid`."""
+    return (backend.sql("SELECT COUNT(*) FROM sl_events WHERE session_id = ?", (sid,))[0][0],
+            backend.sql("SELECT COUNT(*) FROM sl_snapshots WHERE session_id = ?", (sid,))[0][0])
+
+
+def assert_store_sound(engine_factory: EngineFactory) -> None:
+    """A fresh engine reads the catalog and finds every chain sound."""
+    fresh = engine_factory()
+    fresh.find()
+    fresh.rebuild("catalog")
+    assert fresh.verify().ok
+
+
+def test_an_engine_holding_a_purged_session_cannot_write_to_it(
+    backend: Backend, engine_factory: EngineFactory,
+) -> None:
+    holder, purger = engine_factory(), engine_factory()
+    sid = holder.create("s", state={"n": 0})
+    holder.update(sid, {"n": 1})  # in the holder's working set at version 2
+    ended = holder.create("e")
+    holder.end(ended)  # ended in the holder's eyes: archive is its next command
+    purge(purger, sid, ended)
+    with pytest.raises(SessionPurged):
+        holder.update(sid, {"n": 2})
+    with pytest.raises(SessionPurged):
+        holder.archive(ended)
+    with pytest.raises(SessionPurged):
+        holder.get(sid)
+    assert leftovers(backend, sid) == (0, 0) and leftovers(backend, ended) == (0, 0)
+    assert_store_sound(engine_factory)
+
+
+def test_a_purge_between_load_and_append(
+    backend: Backend, engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No working set: the session is read, then purged, then the command appends."""
+    writer, purger = engine_factory(max_active_sessions=0), engine_factory()
+    sid = writer.create("s", state={"n": 0})
+    real_append = writer._store.append
+
+    def purge_first(*args: Any, **kwargs: Any) -> int:
+        monkeypatch.setattr(writer._store, "append", real_append)
+        purge(purger, sid)
+        return real_append(*args, **kwargs)
+
+    monkeypatch.setattr(writer._store, "append", purge_first)
+    with pytest.raises(SessionPurged):
+        writer.update(sid, {"n": 1}, idempotency_key="k")  # the multi-statement path too
+    assert leftovers(backend, sid) == (0, 0)
+    assert backend.sql("SELECT COUNT(*) FROM sl_idempotency")[0][0] == 0
+    assert_store_sound(engine_factory)
+
+
+def test_a_batch_leaves_out_a_session_purged_meanwhile(
+    backend: Backend, engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    batcher, purger = engine_factory(), engine_factory()
+    kept, purged = batcher.create("kept"), batcher.create("purged")
+    real_append = batcher._store.append
+
+    def purge_first(*args: Any, **kwargs: Any) -> int:
+        monkeypatch.setattr(batcher._store, "append", real_append)
+        purge(purger, purged)
+        return real_append(*args, **kwargs)
+
+    monkeypatch.setattr(batcher._store, "append", purge_first)
+    assert batcher.save_all_active() == {kept: 2}
+    assert leftovers(backend, purged) == (0, 0)
+    assert batcher.get(kept).version == 2
+    assert_store_sound(engine_factory)
+
+
+def test_snapshots_are_not_written_back_for_a_purged_session(
+    backend: Backend, engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """rebuild_snapshots() computes a session's snapshots, a purge commits, the rows arrive."""
+    rebuilder, purger = engine_factory(), engine_factory()
+    sid = rebuilder.create("s", state={"secret": "the purged state"})
+    real_put = rebuilder._store.put_snapshots
+
+    def purge_first(rows: Any) -> None:
+        monkeypatch.setattr(rebuilder._store, "put_snapshots", real_put)
+        purge(purger, sid)
+        real_put(rows)
+
+    monkeypatch.setattr(rebuilder._store, "put_snapshots", purge_first)
+    rebuilder.rebuild_snapshots()
+    assert leftovers(backend, sid) == (0, 0)
+    assert_store_sound(engine_factory)
+
+
+@contextlib.contextmanager
+def purging_transaction(backend: Backend, sid: str) -> Iterator[Callable[[], None]]:
+    """A purge of `sid` done by hand and left open, holding what a purge holds (SQLite's write
+    lock; PostgreSQL's append ordering lock); yields its commit."""
+    if backend.kind == POSTGRESQL:
+        import psycopg
+
+        from sessionledger.infrastructure.store import _APPEND_LOCK_KEY
+
+        assert backend.pg_url is not None
+        db: Any = psycopg.connect(backend.pg_url, options=f"-csearch_path={backend.pg_schema}")
+        db.execute(f"SELECT pg_advisory_xact_lock({_APPEND_LOCK_KEY})")
+        param = "%s"
+    else:
+        assert backend.sqlite_path is not None
+        db = sqlite3.connect(backend.sqlite_path, isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        param = "?"
+    try:
+        for table in ("sl_events", "sl_snapshots"):
+            db.execute(f"DELETE FROM {table} WHERE session_id = {param}", (sid,))
+        db.execute("INSERT INTO sl_tombstones (session_id, name, final_status, version, "
+                   f"purged_ts) VALUES ({param}, 's', 'COMPLETED', 0, 1)", (sid,))
+        yield lambda: db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def test_an_append_waiting_for_a_purge_to_commit(
+    backend: Backend, engine_factory: EngineFactory,
+) -> None:
+    """The append starts while the purge's transaction holds the lock it needs, and goes on
+    once the purge commits. On PostgreSQL this is the one-statement append, whose snapshot is
+    older than the purge: it must see the purge anyway."""
+    writer = engine_factory()
+    sid = writer.create("s", state={"n": 0})
+    writer.update(sid, {"n": 1})
+    outcome: list[object] = []
+
+    def update() -> None:
+        try:
+            outcome.append(writer.update(sid, {"n": 2}))
+        except SessionLedgerError as error:
+            outcome.append(error)
+
+    with purging_transaction(backend, sid) as commit:
+        thread = threading.Thread(target=update)
+        thread.start()
+        time.sleep(0.3)
+        assert thread.is_alive(), f"the append did not wait for the purge: {outcome}"
+        commit()
+    thread.join(timeout=30)
+    assert len(outcome) == 1 and isinstance(outcome[0], SessionPurged), outcome
+    assert leftovers(backend, sid) == (0, 0)
+    assert_store_sound(engine_factory)
