@@ -11,6 +11,7 @@ tags in one statement, in the swap's transaction.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from sessionledger.projections.replay import current_data
 from .audit import parse_time
 from .gc_pause import gc_paused
 from .subscribers import SubscriberRunner
+
+log = logging.getLogger("sessionledger.catalog")
 
 CATALOG = "catalog"
 REBUILD_TRACKING = "catalog:rebuild"
@@ -288,8 +291,20 @@ class Catalog:
     def rebuild(self, progress: Progress | None = None) -> int:
         """Replay the whole log into fresh tables and swap them in; return the events folded.
 
-        Resumes an interrupted rebuild from its tracked position.
+        Resumes an interrupted rebuild from its tracked position. Engines rebuilding at the
+        same time share the work (the tracked position); when another one swaps the tables in
+        first, this one returns 0: the catalog was rebuilt.
         """
+        try:
+            return self._rebuild(progress)
+        except SessionLedgerError:
+            if self.tables.next_exists():
+                raise
+            # the "_next" tables this rebuild was filling were swapped in by another engine
+            log.info("catalog rebuild finished by another engine")
+            return 0
+
+    def _rebuild(self, progress: Progress | None) -> int:
         subs = self.subscriptions
         with subs.transaction(REBUILD_TRACKING) as (conn, _):
             self.tables.create_next(conn)

@@ -148,6 +148,8 @@ class SessionEngine:
         self._catalog = Catalog(self._subscriptions, CatalogStore(self._store),
                                 self._codec.payloads, self._runner)
         self._durable: dict[str, HandlerSubscriber] = {}
+        #: background runners run_subscribers() started: close() stops them
+        self._runners: list[SubscriberThread] = []
         self._catalog_outdated = False
         try:
             if self._catalog.outdated():
@@ -181,7 +183,12 @@ class SessionEngine:
         return self._store.dialect
 
     def close(self) -> None:
-        """Release the database connection. The engine cannot be used afterwards."""
+        """Stop the background subscriber runners this engine started and release the
+        database connection. The engine cannot be used afterwards."""
+        # outside the lock: a runner takes it to list its subscribers
+        for runner in self._runners:
+            runner.stop()
+        self._runners.clear()
         with self._lock:
             self._writer.clear()
             self._store.close()
@@ -528,7 +535,10 @@ class SessionEngine:
             for consumer in self._consumers():
                 delivered[consumer.name] = runner.catch_up(consumer)
             return delivered
-        return SubscriberThread(runner, self._consumers, Waker(self._store))
+        self._store.check_open()
+        thread = SubscriberThread(runner, self._consumers, Waker(self._store))
+        self._runners = [r for r in self._runners if r.running] + [thread]
+        return thread
 
     def _consumers(self) -> list[Consumer]:
         with self._lock:

@@ -382,6 +382,11 @@ class SessionWriter:
             self.hooks.dispatch_one(event)
         except HookFailed as error:
             failed = error
+        except BaseException:
+            # an interrupt (KeyboardInterrupt, SystemExit) out of a hook ends this delivery:
+            # what its hooks' own commands queued must not reach the next command's hooks
+            self._hook_queue = []
+            raise
         finally:
             self._delivering = False
         if failed is not None or self._hook_queue:
@@ -406,6 +411,9 @@ class SessionWriter:
                 if not self._hook_queue:
                     break
                 events, self._hook_queue = self._hook_queue, []
+        except BaseException:
+            self._hook_queue = []  # as in _deliver_one
+            raise
         finally:
             self._delivering = False
         if failed is not None:

@@ -115,6 +115,11 @@ class CatalogStore:
         for table in schema.catalog_tables(target, NEXT):
             conn.execute(CreateTable(table, if_not_exists=True))
 
+    def next_exists(self) -> bool:
+        """True while a rebuild's "_next" tables exist (made, not yet swapped in)."""
+        with self.store.storage_errors("read from"), self.store.engine.connect() as conn:
+            return bool(sa.inspect(conn).has_table(f"sl_catalog{NEXT}"))
+
     def drop_purged_next(self, conn: Connection) -> None:
         """Remove from the rebuild's rows the sessions purged since it folded them (a purge
         deletes the live row only; the swap would bring a folded one back). On SQLite with

@@ -328,7 +328,7 @@ class EventStore:
         sql = self._sql
         with self._lock:
             db = self._db
-            self._check_open()
+            self.check_open()
             if self.dialect == "postgresql" and len(rows) == 1 and idempotency is None and (
                 not snapshots
             ):
@@ -477,7 +477,8 @@ class EventStore:
         with contextlib.suppress(Exception):
             self._db.execute("ROLLBACK")
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """StorageError once the store is closed."""
         if self._closed:
             raise StorageError("the engine is closed")
 
@@ -491,6 +492,7 @@ class EventStore:
     def scan(self, sql: str, params: Sequence[Any] = (), batch: int = 2000) -> Iterator[Any]:
         """Stream the rows of one read statement (qmark parameters) in batches, on a connection
         of its own so a long scan never holds up commands. Constant memory."""
+        self.check_open()  # now, not at the first row
         # the batches flattened in C: a generator resumed per row cost 0.15 µs of verify's 5
         return itertools.chain.from_iterable(self._scan_batches(sql, params, batch))
 
@@ -523,7 +525,7 @@ class EventStore:
 
     def _fetchall(self, sql: str, params: Sequence[Any]) -> list[Any]:
         with self._lock:
-            self._check_open()
+            self.check_open()
             try:
                 rows: list[Any] = self._db.execute(sql, params).fetchall()
             except self._dbapi_error as error:

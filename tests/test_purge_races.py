@@ -39,6 +39,19 @@ def leftovers(backend: Backend, sid: str) -> tuple[int, int]:
             backend.sql("SELECT COUNT(*) FROM sl_snapshots WHERE session_id = ?", (sid,))[0][0])
 
 
+def purge_before_next(monkeypatch: pytest.MonkeyPatch, engine: SessionEngine, method: str,
+                      purger: SessionEngine, sid: str) -> None:
+    """The next call of `engine._store.<method>` first purges `sid` through `purger`."""
+    real = getattr(engine._store, method)
+
+    def purge_first(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(engine._store, method, real)
+        purge(purger, sid)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine._store, method, purge_first)
+
+
 def assert_store_sound(engine_factory: EngineFactory) -> None:
     """A fresh engine reads the catalog and finds every chain sound."""
     fresh = engine_factory()
@@ -72,14 +85,7 @@ def test_a_purge_between_load_and_append(
     """No working set: the session is read, then purged, then the command appends."""
     writer, purger = engine_factory(max_active_sessions=0), engine_factory()
     sid = writer.create("s", state={"n": 0})
-    real_append = writer._store.append
-
-    def purge_first(*args: Any, **kwargs: Any) -> int:
-        monkeypatch.setattr(writer._store, "append", real_append)
-        purge(purger, sid)
-        return real_append(*args, **kwargs)
-
-    monkeypatch.setattr(writer._store, "append", purge_first)
+    purge_before_next(monkeypatch, writer, "append", purger, sid)
     with pytest.raises(SessionPurged):
         writer.update(sid, {"n": 1}, idempotency_key="k")  # the multi-statement path too
     assert leftovers(backend, sid) == (0, 0)
@@ -92,14 +98,7 @@ def test_a_batch_leaves_out_a_session_purged_meanwhile(
 ) -> None:
     batcher, purger = engine_factory(), engine_factory()
     kept, purged = batcher.create("kept"), batcher.create("purged")
-    real_append = batcher._store.append
-
-    def purge_first(*args: Any, **kwargs: Any) -> int:
-        monkeypatch.setattr(batcher._store, "append", real_append)
-        purge(purger, purged)
-        return real_append(*args, **kwargs)
-
-    monkeypatch.setattr(batcher._store, "append", purge_first)
+    purge_before_next(monkeypatch, batcher, "append", purger, purged)
     assert batcher.save_all_active() == {kept: 2}
     assert leftovers(backend, purged) == (0, 0)
     assert batcher.get(kept).version == 2
@@ -112,14 +111,7 @@ def test_snapshots_are_not_written_back_for_a_purged_session(
     """rebuild_snapshots() computes a session's snapshots, a purge commits, the rows arrive."""
     rebuilder, purger = engine_factory(), engine_factory()
     sid = rebuilder.create("s", state={"secret": "the purged state"})
-    real_put = rebuilder._store.put_snapshots
-
-    def purge_first(rows: Any) -> None:
-        monkeypatch.setattr(rebuilder._store, "put_snapshots", real_put)
-        purge(purger, sid)
-        real_put(rows)
-
-    monkeypatch.setattr(rebuilder._store, "put_snapshots", purge_first)
+    purge_before_next(monkeypatch, rebuilder, "put_snapshots", purger, sid)
     rebuilder.rebuild_snapshots()
     assert leftovers(backend, sid) == (0, 0)
     assert_store_sound(engine_factory)
