@@ -262,7 +262,8 @@ class Verifier:
         ):
             events += 1
             if sid != current:
-                if due:  # snapshots of the last session the walk never reached (rarely any)
+                if due and not self._purged(current or ""):
+                    # snapshots of the last session the walk never reached (rarely any)
                     problems.extend(_leftover_snapshots(current or "", due, broken))
                 current, session, head = sid, Session(sid), GENESIS_DIGEST
                 expected, broken = 1, False
@@ -329,14 +330,21 @@ class Verifier:
                     # chain (the common case, checked inline above with one encode): decode it
                     # and say what is wrong, if anything
                     problems.extend(self._snapshot_problems(found, session, version, digest))
-        if current is not None:
+        if current is not None and due and not self._purged(current):
             problems.extend(_leftover_snapshots(current, due, broken))
         report.sessions, report.events = sessions, events
         for sid, versions in snapshots.items():  # snapshots of sessions with no events at all
+            if self._purged(sid):
+                continue
             report.snapshots += len(versions)
             problems.extend(Problem(sid, v, "snapshot of a session with no events")
                             for v in versions)
         return report
+
+    def _purged(self, sid: str) -> bool:
+        """True when a cleanup purged `sid` while the walk ran (its snapshots were listed
+        before, its events were gone when the walk got there): not damage."""
+        return self.store.tombstone(sid) is not None
 
     def _snapshot_versions(self, where: str, params: tuple[str, ...],
                            report: VerifyReport) -> dict[str, list[int]]:

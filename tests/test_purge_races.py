@@ -172,3 +172,30 @@ def test_an_append_waiting_for_a_purge_to_commit(
     assert len(outcome) == 1 and isinstance(outcome[0], SessionPurged), outcome
     assert leftovers(backend, sid) == (0, 0)
     assert_store_sound(engine_factory)
+
+
+def test_verify_while_a_session_is_purged(
+    backend: Backend, engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """verify() lists the snapshots, then a purge commits, then the walk reads the events: the
+    purged session's listed snapshots are no damage (it said "snapshot of a session with no
+    events")."""
+    from sessionledger.verify import Verifier
+
+    checker, purger = engine_factory(), engine_factory()
+    kept = checker.create("kept")
+    checker.save(kept)
+    sid = checker.create("s")
+    checker.save(sid)  # a snapshot at version 2
+    real = Verifier._snapshot_versions
+
+    def then_purge(self: Verifier, *args: Any) -> dict[str, list[int]]:
+        listed = real(self, *args)
+        monkeypatch.setattr(Verifier, "_snapshot_versions", real)
+        purge(purger, sid)
+        return listed
+
+    monkeypatch.setattr(Verifier, "_snapshot_versions", then_purge)
+    report = checker.verify()
+    assert report.ok, report.problems
+    assert (report.sessions, report.snapshots) == (1, 1)
