@@ -295,19 +295,22 @@ class Catalog:
         same time share the work (the tracked position); when another one swaps the tables in
         first, this one returns 0: the catalog was rebuilt.
         """
-        try:
-            return self._rebuild(progress)
-        except SessionLedgerError:
-            if self.tables.next_exists():
-                raise
-            # the "_next" tables this rebuild was filling were swapped in by another engine
-            log.info("catalog rebuild finished by another engine")
-            return 0
-
-    def _rebuild(self, progress: Progress | None) -> int:
         subs = self.subscriptions
         with subs.transaction(REBUILD_TRACKING) as (conn, _):
             self.tables.create_next(conn)
+        try:
+            return self._fill_and_swap(progress)
+        except SessionLedgerError:
+            # Only what another engine's swap explains is not an error: the "_next" tables this
+            # rebuild was filling are gone and the live catalog is this projection version's.
+            # Anything else (a lost connection, a locked or read-only file) is raised.
+            if self.tables.next_exists() or self.stored_version() != CATALOG_VERSION:
+                raise
+            log.info("catalog rebuild finished by another engine")
+            return 0
+
+    def _fill_and_swap(self, progress: Progress | None) -> int:
+        subs = self.subscriptions
         started = time.perf_counter()
         first = subs.position(REBUILD_TRACKING)
         head = subs.head()

@@ -146,7 +146,9 @@ def same_value(a: Any, b: Any) -> bool:
 
     Python's == says 1 == 1.0 == True, Decimal("1.0") == Decimal("1.00"), equal instants in two
     UTC offsets are equal, and NaN != NaN; each of those would make a delta drop a real change
-    (or write a change that is none). Floats compare by their bits.
+    (or write a change that is none). Floats compare by their bits (0.0 and -0.0 differ), except
+    that every NaN is the same value: float("nan") and inf - inf (a NaN with its sign bit set
+    on x86) are both "not a number".
     """
     kind = type(a)
     if kind is not type(b):
@@ -156,6 +158,8 @@ def same_value(a: Any, b: Any) -> bool:
     if kind is list:
         return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
     if kind is float:
+        if a != a:  # NaN
+            return bool(b != b)
         return bool(struct.pack("<d", a) == struct.pack("<d", b))
     if kind is Decimal:
         return str(a) == str(b)

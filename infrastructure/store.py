@@ -159,6 +159,9 @@ class EventStore:
         self.dialect = self.url.get_backend_name()
         self._lock = threading.RLock()
         self._closed = False
+        #: per thread: >0 while it holds SQLite's write lock on another connection (a
+        #: transactional subscriber's batch), see holding_write_lock()
+        self._write_lock_held = threading.local()
         self.engine = self._create_engine(durability)
         if self.dialect == "sqlite":
             # take the write lock up front, never mid-way (no upgrade deadlocks)
@@ -326,6 +329,7 @@ class EventStore:
         before n) and a NOTIFY wakes waiting subscribers.
         """
         sql = self._sql
+        self._refuse_waiting_for_itself("write")
         with self._lock:
             db = self._db
             self.check_open()
@@ -425,12 +429,14 @@ class EventStore:
         self, session_id: str, name: str, final_status: str, micros: int,
         also: Callable[[Connection], None] | None = None,
     ) -> None:
-        """Delete a session's events, snapshots and idempotency keys for good and leave a
-        tombstone, in one transaction (`also` runs in it: read models drop their rows).
+        """Delete a session's events, snapshots and idempotency keys (but the key of its create)
+        for good and leave a tombstone, in one transaction (`also` runs in it: read models drop
+        their rows).
 
         SQLite: with secure_delete on, whatever SQLite build this is, so the freed space is
         zeroed; the WAL keeps the old pages until a checkpoint (see checkpoint()).
         """
+        self._refuse_waiting_for_itself("purge")
         with (self.storage_errors("purge a session in"), self.engine.connect() as conn,
               secure_delete(conn, "ON")):
             if self.dialect == "sqlite":
@@ -443,8 +449,10 @@ class EventStore:
             for table in ("sl_events", "sl_snapshots"):
                 conn.execute(sa.text(f"DELETE FROM {table} WHERE session_id = :sid"),
                              {"sid": session_id})
-            conn.execute(sa.text("DELETE FROM sl_idempotency WHERE session_id = :sid"),
-                         {"sid": session_id})
+            # a create's key stays (it names only the id): a create retried after the purge
+            # returns the purged id, as the first create did, instead of a second session
+            conn.execute(sa.text("DELETE FROM sl_idempotency WHERE session_id = :sid "
+                                 "AND scope <> 'create'"), {"sid": session_id})
             conn.execute(sa.text(
                 "INSERT INTO sl_tombstones (session_id, name, final_status, version, purged_ts) "
                 "VALUES (:sid, :name, :status, 0, :ts) ON CONFLICT (session_id) DO NOTHING"),
@@ -476,6 +484,25 @@ class EventStore:
     def _rollback_quietly(self) -> None:
         with contextlib.suppress(Exception):
             self._db.execute("ROLLBACK")
+
+    @contextlib.contextmanager
+    def holding_write_lock(self) -> Iterator[None]:
+        """Mark this thread as holding SQLite's write lock on a connection of its own (a
+        subscriber's transaction), so that a write through the store from it fails at once
+        instead of waiting 30 s for itself (a transactional handler issuing a command)."""
+        held = self._write_lock_held
+        held.depth = getattr(held, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            held.depth -= 1
+
+    def _refuse_waiting_for_itself(self, doing: str) -> None:
+        if getattr(self._write_lock_held, "depth", 0):
+            raise StorageError(
+                f"cannot {doing} here: this thread holds the SQLite database's write lock in a "
+                "transactional subscriber's transaction, and would wait for itself. Write "
+                "through the connection the handler gets, or use an at-least-once subscriber")
 
     def check_open(self) -> None:
         """StorageError once the store is closed."""

@@ -103,7 +103,11 @@ class SubscriptionStore:
                     "SELECT position FROM sl_tracking WHERE name = :n FOR UPDATE"),
                     {"n": name}).first()
             try:
-                yield conn, tracked(name, row[0]) if row else 0
+                if self.dialect == "sqlite":
+                    with self.store.holding_write_lock():
+                        yield conn, tracked(name, row[0]) if row else 0
+                else:
+                    yield conn, tracked(name, row[0]) if row else 0
             except BaseException:
                 conn.rollback()
                 raise

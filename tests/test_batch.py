@@ -168,6 +168,23 @@ def test_cleanup_purge_leaves_a_tombstone(engine_factory: EngineFactory, backend
     assert [item.id for item in fresh.find()] == [keep]
 
 
+def test_a_create_retried_after_a_purge_returns_the_purged_id(
+    engine_factory: EngineFactory, backend: Backend,
+) -> None:
+    """The key of a create outlives a purge: "however much later the retry comes"."""
+    engine = engine_factory()
+    sid = engine.create("keyed", idempotency_key="create-1")
+    engine.update(sid, {"a": 1}, idempotency_key="update-1")
+    engine.end(sid)
+    engine.cleanup(RetentionPolicy(max_age=0, purge=True))
+    assert backend.sql("SELECT scope, key FROM sl_idempotency") == [("create", "create-1")]
+    for retrying in (engine, engine_factory()):
+        assert retrying.create("keyed", idempotency_key="create-1") == sid
+        with pytest.raises(SessionPurged):
+            retrying.get(sid)
+    assert backend.sql("SELECT COUNT(*) FROM sl_events")[0][0] == 0
+
+
 @pytest.mark.parametrize("bad", [
     {}, {"max_age": "30d"}, {"max_age": -1}, {"keep_last": -1}, {"keep_last": 1.5},
     {"max_age": 1, "archive": True, "purge": True}, {"max_age": 1, "dry_run": "yes"},

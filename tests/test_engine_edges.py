@@ -6,9 +6,16 @@ from __future__ import annotations
 import time
 
 import pytest
+from _helpers import Backend
 from conftest import EngineFactory
 
-from sessionledger import SessionEngine, SessionEvent, StorageError
+from sessionledger import (
+    ProjectionOutdated,
+    SessionEngine,
+    SessionEvent,
+    StorageError,
+    SubscriberFailed,
+)
 
 
 def test_close_stops_the_background_runner(engine_factory: EngineFactory) -> None:
@@ -83,3 +90,56 @@ def test_a_closed_engine_refuses_every_read(engine_factory: EngineFactory) -> No
                  lambda: list(engine.timeline()), engine.verify):
         with pytest.raises(StorageError, match="closed"):
             read()
+
+
+def test_a_failing_rebuild_is_an_error_not_a_rebuild_done_elsewhere(
+    backend: Backend, engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A storage error during a rebuild of an outdated catalog is raised, even when the
+    "_next" tables are not there (it must not pass for another engine's finished rebuild)."""
+    engine = engine_factory(auto_rebuild=False)
+    engine.create("s")
+    engine.find()
+    backend.sql("UPDATE sl_meta SET value = '999' WHERE key = 'projection:catalog'")
+    outdated = engine_factory(auto_rebuild=False)
+    catalog = outdated._catalog
+
+    def fail(progress: object) -> int:
+        with catalog.subscriptions.transaction("catalog:rebuild") as (conn, _):
+            conn.exec_driver_sql("DROP TABLE sl_catalog_tags_next")
+            conn.exec_driver_sql("DROP TABLE sl_catalog_next")
+        raise StorageError("the connection was lost")
+
+    monkeypatch.setattr(catalog, "_fill_and_swap", fail)
+    with pytest.raises(StorageError, match="lost"):
+        outdated.rebuild("catalog")
+    with pytest.raises(ProjectionOutdated):
+        outdated.find()
+
+
+def test_a_transactional_handler_issuing_a_command(
+    backend: Backend, engine_factory: EngineFactory,
+) -> None:
+    """On SQLite the handler's transaction holds the write lock the command needs: the command
+    fails at once (it waited 30 s for itself, then said "database is locked"). PostgreSQL
+    takes it."""
+    engine = engine_factory()
+    sid = engine.create("s")
+    note = engine.create("notes")
+
+    def handler(event: SessionEvent, conn: object) -> None:
+        if event.session_id == sid:
+            engine.record(note, "seen", {"version": event.version})
+
+    engine.subscribe("noter", handler, transactional=True, events=["SessionStarted"])
+    started = time.monotonic()
+    if backend.kind == "sqlite":
+        with pytest.raises(SubscriberFailed) as failed:
+            engine.run_subscribers(until_idle=True)
+        assert time.monotonic() - started < 5
+        assert isinstance(failed.value.__cause__, StorageError)
+        assert "wait for itself" in str(failed.value.__cause__)
+        assert engine.get(note).version == 1
+    else:
+        assert engine.run_subscribers(until_idle=True)["noter"] == 2
+        assert engine.get(note).version == 2

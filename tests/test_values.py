@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import uuid
 from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
@@ -400,7 +401,15 @@ def test_update_with_the_same_nan_changes_nothing(engine: SessionEngine) -> None
     """NaN != NaN in Python, but setting a NaN over the same NaN changes nothing."""
     sid = engine.create("a", state={"v": math.nan})
     assert engine.update(sid, {"v": math.nan}) == 1
+    # any NaN: inf - inf has its sign bit set (on x86), -nan too, and one with a payload
+    payload_nan = struct.unpack("<d", b"\x01\0\0\0\0\0\xf8\x7f")[0]
+    other_nans = [math.inf - math.inf, -math.nan, payload_nan]
+    for other in other_nans:
+        assert math.isnan(other)
+        assert engine.update(sid, {"v": other}) == 1
     assert len(engine.history(sid)) == 1
+    assert engine.diff(sid, 1, 1).changed == {}
+    assert engine.update(sid, {"v": 0.0}) == 2  # a number is a change
 
 
 # -- stored timestamps ----------------------------------------------------------------------------
