@@ -516,6 +516,12 @@ class EventStore:
         connection (short reads; for long scans use scan())."""
         return self._fetchall(self._sql.adapt(sql), params)
 
+    def scan_batches(self, sql: str, params: Sequence[Any] = (), batch: int = 2000
+                     ) -> Iterator[Sequence[Any]]:
+        """scan(), a batch of rows at a time."""
+        self.check_open()
+        return self._scan_batches(sql, params, batch)
+
     def scan(self, sql: str, params: Sequence[Any] = (), batch: int = 2000) -> Iterator[Any]:
         """Stream the rows of one read statement (qmark parameters) in batches, on a connection
         of its own so a long scan never holds up commands. Constant memory."""

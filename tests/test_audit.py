@@ -552,6 +552,30 @@ def test_timeline_filters_and_names_of_sessions_started_before_the_window(
         queries.timeline(since="2026-11-26", until="2026-11-25")
 
 
+def test_timeline_looks_names_up_a_batch_at_a_time(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sessions started before the window get their names in one query per fetched batch,
+    not one per session (a round trip each on PostgreSQL: 36-44 against 5-7 µs an event)."""
+    engine = engine_factory(lifecycle_hooks=False)
+    ids = [engine.create(f"name-{i}") for i in range(40)]
+    engine.save_all_active()
+    engine.save_all_active()
+    store = engine._store
+    queries: list[str] = []
+    real_query = store.query
+
+    def counting(sql: str, params: Any = ()) -> Any:
+        queries.append(sql)
+        return real_query(sql, params)
+
+    monkeypatch.setattr(store, "query", counting)
+    saves = list(audit_of(engine).timeline(types=["SessionSaved"]))
+    assert sorted((e.session_id, e.session_name) for e in saves) == sorted(
+        (sid, f"name-{i}") for _ in range(2) for i, sid in enumerate(ids))
+    assert len(queries) == 1, queries
+
+
 def test_timeline_history_and_state_at_upcast_old_schema_events(
     engine_factory: EngineFactory,
 ) -> None:
