@@ -35,6 +35,7 @@ from sessionledger.infrastructure.catalog_store import CatalogStore
 from sessionledger.infrastructure.codec import EventCodec
 from sessionledger.infrastructure.store import (
     EventStore,
+    SessionGone,
     safe_url,
 )
 from sessionledger.infrastructure.subscriptions import SubscriptionStore, Waker
@@ -469,8 +470,11 @@ class SessionEngine:
         written = 0
         for sid in self._store.session_ids():
             with self._lock:
-                rows = self._repository.rebuild_snapshots(sid, now_us())
-                self._store.put_snapshots(rows)
+                try:
+                    rows = self._repository.rebuild_snapshots(sid, now_us())
+                    self._store.put_snapshots(rows)
+                except SessionGone:
+                    continue  # purged by another engine meanwhile: nothing to snapshot
             written += len(rows)
         return written
 

@@ -52,6 +52,12 @@ def purge_before_next(monkeypatch: pytest.MonkeyPatch, engine: SessionEngine, me
     monkeypatch.setattr(engine._store, method, purge_first)
 
 
+def guards(backend: Backend) -> list[str]:
+    """The SQLite purge guard triggers the database has."""
+    return [name for (name,) in backend.sql(
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' ORDER BY name")]
+
+
 def assert_store_sound(engine_factory: EngineFactory) -> None:
     """A fresh engine reads the catalog and finds every chain sound."""
     fresh = engine_factory()
@@ -68,7 +74,11 @@ def test_an_engine_holding_a_purged_session_cannot_write_to_it(
     holder.update(sid, {"n": 1})  # in the holder's working set at version 2
     ended = holder.create("e")
     holder.end(ended)  # ended in the holder's eyes: archive is its next command
+    if backend.kind != POSTGRESQL:  # SQLite's guards come with the first purge
+        assert guards(backend) == []
     purge(purger, sid, ended)
+    if backend.kind != POSTGRESQL:
+        assert guards(backend) == ["sl_events_purge_guard", "sl_snapshots_purge_guard"]
     with pytest.raises(SessionPurged):
         holder.update(sid, {"n": 2})
     with pytest.raises(SessionPurged):
@@ -120,7 +130,7 @@ def test_snapshots_are_not_written_back_for_a_purged_session(
 @contextlib.contextmanager
 def purging_transaction(backend: Backend, sid: str) -> Iterator[Callable[[], None]]:
     """A purge of `sid` done by hand and left open, holding what a purge holds (SQLite's write
-    lock; PostgreSQL's append ordering lock); yields its commit."""
+    lock, and its guard triggers made; PostgreSQL's append ordering lock); yields its commit."""
     if backend.kind == POSTGRESQL:
         import psycopg
 
@@ -132,8 +142,12 @@ def purging_transaction(backend: Backend, sid: str) -> Iterator[Callable[[], Non
         param = "%s"
     else:
         assert backend.sqlite_path is not None
+        from sessionledger.infrastructure.store import _PURGE_GUARDS
+
         db = sqlite3.connect(backend.sqlite_path, isolation_level=None)
         db.execute("BEGIN IMMEDIATE")
+        for guard in _PURGE_GUARDS:
+            db.execute(guard)
         param = "?"
     try:
         for table in ("sl_events", "sl_snapshots"):
