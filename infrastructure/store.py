@@ -221,8 +221,12 @@ class EventStore:
                     dbapi_connection.isolation_level = previous
 
             else:
+                # pre_ping: a pooled connection the server dropped while it was idle (a restart,
+                # a failover) is replaced at checkout instead of failing the call that gets it;
+                # one round trip per checkout, and checkouts are off the command path (scans,
+                # subscriber batches, purges: commands use the store's own connection)
                 engine = sa.create_engine(url, connect_args={"connect_timeout": 10},
-                                          pool_size=2)
+                                          pool_size=2, pool_pre_ping=True)
         except StorageError:
             raise
         except Exception as error:
@@ -570,23 +574,35 @@ class EventStore:
                     f"read from {safe_url(self.url)} failed: {one_line(error)}"
                 ) from None
             finally:
-                cursor.close()
+                with contextlib.suppress(Exception):  # a lost connection cannot close it
+                    cursor.close()
         finally:
-            with contextlib.suppress(Exception):
-                fairy.rollback()
+            if self.dialect == "postgresql" and getattr(fairy.dbapi_connection, "closed", True):
+                # lost (a server restart, a dropped TCP connection): out of the pool, so the
+                # next scan gets a live one instead of failing on this one again
+                fairy.invalidate()
+            else:
+                with contextlib.suppress(Exception):
+                    fairy.rollback()
             fairy.close()
 
     def _fetchall(self, sql: str, params: Sequence[Any]) -> list[Any]:
         with self._lock:
             self.check_open()
-            try:
-                rows: list[Any] = self._db.execute(sql, params).fetchall()
-            except self._dbapi_error as error:
-                self._reconnect_if_broken()
-                raise StorageError(
-                    f"read from {safe_url(self.url)} failed: {one_line(error)}"
-                ) from None
-            return rows
+            for attempt in (1, 2):
+                try:
+                    rows: list[Any] = self._db.execute(sql, params).fetchall()
+                    return rows
+                except self._dbapi_error as error:
+                    lost = self.dialect == "postgresql" and self._db.closed
+                    self._reconnect_if_broken()
+                    if not (lost and attempt == 1):
+                        raise StorageError(
+                            f"read from {safe_url(self.url)} failed: {one_line(error)}"
+                        ) from None
+                    # a read on a connection the server dropped while it was idle: again,
+                    # once, on the new one (a read has nothing to undo; writes never retry)
+            raise AssertionError("unreachable")  # pragma: no cover
 
     def stream(self, session_id: str, after: int = 0, upto: int | None = None) -> list[StoredEvent]:
         """The stored events of versions in (after, upto] in version order: (version, type, ts,

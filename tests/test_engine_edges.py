@@ -143,3 +143,26 @@ def test_a_transactional_handler_issuing_a_command(
     else:
         assert engine.run_subscribers(until_idle=True)["noter"] == 2
         assert engine.get(note).version == 2
+
+
+def test_reads_survive_lost_postgresql_connections(pg_backend: Backend) -> None:
+    """The server drops the engine's connections while they are idle (a restart, a failover):
+    reads work at once (a pooled connection is checked at checkout, the engine's own one is
+    taken again and the read retried), and commands work after that."""
+    import psycopg
+
+    with SessionEngine(pg_backend.url) as engine:
+        sid = engine.create("s")
+        engine.update(sid, {"a": 1})
+        own = engine._store._db.info.backend_pid
+        pooled = [pid for (pid,) in engine._store.scan("SELECT pg_backend_pid()")]
+        assert pg_backend.pg_url is not None
+        with psycopg.connect(pg_backend.pg_url, autocommit=True) as admin:
+            for pid in {own, *pooled}:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.2)
+        assert [e.version for e in engine.timeline()] == [1, 2]
+        assert engine.verify().ok
+        assert [s.id for s in engine.find()] == [sid]
+        assert engine.get(sid, refresh=True).state == {"a": 1}
+        assert engine.update(sid, {"a": 2}) == 3
