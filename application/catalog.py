@@ -227,6 +227,11 @@ class Catalog:
         text = str(rows[0][0])
         return int(text) if decimal_digits(text) else -1
 
+    def built_by_newer(self) -> bool:
+        """True when a newer release's projection built the stored catalog."""
+        stored = self.stored_version()
+        return stored is not None and stored > CATALOG_VERSION
+
     def outdated(self) -> bool:
         """True when the stored catalog was built by another projection version."""
         stored = self.stored_version()

@@ -40,6 +40,7 @@ from sessionledger.infrastructure.store import (
 )
 from sessionledger.infrastructure.subscriptions import SubscriptionStore, Waker
 from sessionledger.projections.audit import BlameEntry, StateDiff
+from sessionledger.projections.catalog import CATALOG_VERSION
 from sessionledger.projections.hooks import HookRegistry, LoggingHook
 from sessionledger.projections.metrics import MetricsHook
 
@@ -152,9 +153,14 @@ class SessionEngine:
         #: background runners run_subscribers() started: close() stops them
         self._runners: list[SubscriberThread] = []
         self._catalog_outdated = False
+        #: the stored catalog is a newer release's: never rebuilt back by this one unasked
+        self._catalog_newer = False
         try:
             if self._catalog.outdated():
-                if self.config.auto_rebuild:
+                # (during a rolling upgrade, old engines rebuilding a newer catalog back, and
+                # new ones forward again, would take turns for as long as both run)
+                self._catalog_newer = self._catalog.built_by_newer()
+                if self.config.auto_rebuild and not self._catalog_newer:
                     self._catalog.rebuild()
                 else:
                     self._catalog_outdated = True
@@ -584,6 +590,12 @@ class SessionEngine:
         The catalog is brought up to date first (read your own writes).
         """
         if self._catalog_outdated:
+            if self._catalog_newer:
+                raise ProjectionOutdated(
+                    "the catalog was built by a newer release of sessionledger (projection "
+                    f"version {self._catalog.stored_version()}; this release builds "
+                    f"{CATALOG_VERSION}): upgrade, or run engine.rebuild('catalog') to rebuild "
+                    "it with this release's projection")
             raise ProjectionOutdated(
                 "the catalog was built by another version of its projection and "
                 "auto_rebuild is off: run engine.rebuild('catalog') "
@@ -605,7 +617,7 @@ class SessionEngine:
         if progress is not None and not callable(progress):
             raise InvalidArgument(f"progress must be a callable or None, got {progress!r}")
         folded = self._catalog.rebuild(progress)
-        self._catalog_outdated = False
+        self._catalog_outdated = self._catalog_newer = False
         return folded
 
     # -- batch operations ----------------------------------------------------------------------

@@ -166,3 +166,26 @@ def test_reads_survive_lost_postgresql_connections(pg_backend: Backend) -> None:
         assert [s.id for s in engine.find()] == [sid]
         assert engine.get(sid, refresh=True).state == {"a": 1}
         assert engine.update(sid, {"a": 2}) == 3
+
+
+def test_a_catalog_built_by_a_newer_release_is_not_rebuilt_back(
+    backend: Backend, engine_factory: EngineFactory,
+) -> None:
+    """Old engines next to new ones (a rolling upgrade) would otherwise rebuild the catalog back
+    and forth: an older projection leaves a newer catalog alone unless asked."""
+    from sessionledger.projections.catalog import CATALOG_VERSION
+
+    first = engine_factory()
+    sid = first.create("s")
+    first.find()  # the catalog is built, and its version recorded
+    newer = str(CATALOG_VERSION + 1)
+    backend.sql("UPDATE sl_meta SET value = ? WHERE key = 'projection:catalog'", (newer,))
+    old = engine_factory()  # auto_rebuild on, the default
+    assert backend.sql("SELECT value FROM sl_meta WHERE key = 'projection:catalog'") == [(newer,)]
+    with pytest.raises(ProjectionOutdated, match="newer release"):
+        old.find()
+    assert old.get(sid).version == 1  # commands and reads of the log still work
+    old.rebuild("catalog")  # asked for: this release's catalog
+    assert [s.id for s in old.find()] == [sid]
+    assert backend.sql("SELECT value FROM sl_meta WHERE key = 'projection:catalog'") == [
+        (str(CATALOG_VERSION),)]
