@@ -28,6 +28,7 @@ from sessionledger.domain.events import (
     event_time,
     to_datetime,
     to_micros,
+    unknown_event_types,
 )
 from sessionledger.domain.session import Session
 from sessionledger.domain.values import parse_session_id
@@ -127,7 +128,7 @@ def checked_types(types: object) -> frozenset[str] | None:
         if not isinstance(types, Iterable):
             raise InvalidArgument(f"types must be a list of event types, got {types!r}")
         names = list(types)
-    unknown = [name for name in names if not isinstance(name, str) or name not in EVENT_TYPES]
+    unknown = unknown_event_types(names)
     if unknown:
         raise InvalidArgument(
             f"unknown event type{'s' if len(unknown) > 1 else ''} "

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
+from sessionledger.domain.values import utf8_encodable
 from sessionledger.projections.catalog import SessionSummary
 from sessionledger.projections.snapshots import CURRENT_FORMAT
 
@@ -357,12 +358,9 @@ def check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         given.append(("$SESSIONLEDGER_URL", os.environ.get("SESSIONLEDGER_URL")))
     for name, value in given:
         for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str) and not text.isascii():
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise InvalidArgument(f"{name} {text!r} is not valid text (bytes the system "
-                                          f"could not decode as Unicode)") from None
+            if isinstance(text, str) and not utf8_encodable(text):
+                raise InvalidArgument(f"{name} {text!r} is not valid text (bytes the system "
+                                      f"could not decode as Unicode)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

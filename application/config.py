@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import blake3
 
 from sessionledger.domain.errors import InvalidArgument
+from sessionledger.domain.values import utf8_encodable
 
 _DURABILITY = ("full", "normal")
 _HOOK_ERRORS = ("isolate", "raise")
@@ -74,12 +75,9 @@ class SessionConfig:
             not isinstance(self.integrity_key, str | bytes) or not self.integrity_key
         ):
             raise InvalidArgument("integrity_key must be a non-empty str or bytes")
-        if isinstance(self.integrity_key, str):
-            try:
-                self.integrity_key.encode()  # the key is its UTF-8 bytes
-            except UnicodeEncodeError:
-                raise InvalidArgument(
-                    "integrity_key must be valid Unicode (it holds a lone surrogate)") from None
+        # the key is its UTF-8 bytes
+        if isinstance(self.integrity_key, str) and not utf8_encodable(self.integrity_key):
+            raise InvalidArgument("integrity_key must be valid Unicode (it holds a lone surrogate)")
 
     def chain_key(self) -> bytes | None:
         """The 32-byte blake3 key derived from integrity_key (None when unset)."""

@@ -153,14 +153,11 @@ class SessionEngine:
         #: background runners run_subscribers() started: close() stops them
         self._runners: list[SubscriberThread] = []
         self._catalog_outdated = False
-        #: the stored catalog is a newer release's: never rebuilt back by this one unasked
-        self._catalog_newer = False
         try:
             if self._catalog.outdated():
-                # (during a rolling upgrade, old engines rebuilding a newer catalog back, and
-                # new ones forward again, would take turns for as long as both run)
-                self._catalog_newer = self._catalog.built_by_newer()
-                if self.config.auto_rebuild and not self._catalog_newer:
+                # a newer release's catalog is never rebuilt back unasked (during a rolling
+                # upgrade old and new engines would take turns for as long as both run)
+                if self.config.auto_rebuild and not self._catalog.built_by_newer():
                     self._catalog.rebuild()
                 else:
                     self._catalog_outdated = True
@@ -590,7 +587,7 @@ class SessionEngine:
         The catalog is brought up to date first (read your own writes).
         """
         if self._catalog_outdated:
-            if self._catalog_newer:
+            if self._catalog.built_by_newer():
                 raise ProjectionOutdated(
                     "the catalog was built by a newer release of sessionledger (projection "
                     f"version {self._catalog.stored_version()}; this release builds "
@@ -617,7 +614,7 @@ class SessionEngine:
         if progress is not None and not callable(progress):
             raise InvalidArgument(f"progress must be a callable or None, got {progress!r}")
         folded = self._catalog.rebuild(progress)
-        self._catalog_outdated = self._catalog_newer = False
+        self._catalog_outdated = False
         return folded
 
     # -- batch operations ----------------------------------------------------------------------

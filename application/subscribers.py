@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from sqlalchemy.engine import Connection
 
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
-from sessionledger.domain.events import EVENT_TYPES, SessionEvent, event_time
+from sessionledger.domain.events import EVENT_TYPES, SessionEvent, event_time, unknown_event_types
 from sessionledger.domain.values import checked_text
 from sessionledger.infrastructure.codec import PayloadCodec
 from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore, Waker
@@ -118,14 +118,12 @@ def checked_subscription(
     if isinstance(events, str) or not hasattr(events, "__iter__"):
         raise InvalidArgument("events must be a list of event type names")
     listed = list(events)
-    unknown = [t for t in listed if not isinstance(t, str) or t not in EVENT_TYPES]
-    # (the unknown may be unhashable: they are only named)
-    types = tuple(sorted({t for t in listed if isinstance(t, str) and t in EVENT_TYPES}))
-    if unknown or not types:
+    unknown = unknown_event_types(listed)
+    if unknown or not listed:
         raise InvalidArgument(
             f"unknown event types {unknown}: expected some of {sorted(EVENT_TYPES)}"
         )
-    return text, types
+    return text, tuple(sorted(set(listed)))
 
 
 class SubscriberRunner:

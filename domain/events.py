@@ -44,6 +44,11 @@ EVENT_SCHEMAS: dict[str, int] = {
 }
 EVENT_TYPES = frozenset(EVENT_SCHEMAS)
 
+
+def unknown_event_types(names: list[Any]) -> list[Any]:
+    """The items of `names` that are no event type name (unhashable ones included)."""
+    return [name for name in names if not isinstance(name, str) or name not in EVENT_TYPES]
+
 #: a checked, decoded event of one stream, as storage hands it to projections:
 #: (version, type, ts in microseconds, actor, correlation_id, schema version, data)
 DecodedEvent = tuple[int, str, int, "str | None", "str | None", int, Any]

@@ -37,6 +37,18 @@ def decimal_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def utf8_encodable(text: str) -> bool:
+    """True when `text` can be stored as UTF-8: it holds no lone surrogate (what Python makes
+    of bytes it could not decode, in a file name or a command-line argument)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def key_path(at: KeyPath) -> str:
     """The text of a key path: state.a.b, payload[3]."""
     keys: list[str | int] = []

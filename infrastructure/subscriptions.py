@@ -103,10 +103,7 @@ class SubscriptionStore:
                     "SELECT position FROM sl_tracking WHERE name = :n FOR UPDATE"),
                     {"n": name}).first()
             try:
-                if self.dialect == "sqlite":
-                    with self.store.holding_write_lock():
-                        yield conn, tracked(name, row[0]) if row else 0
-                else:
+                with self.store.holding_write_lock():
                     yield conn, tracked(name, row[0]) if row else 0
             except BaseException:
                 conn.rollback()

@@ -25,7 +25,7 @@ from types import TracebackType
 from uuid import UUID
 
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
-from sessionledger.domain.events import EVENT_TYPES, SessionEvent
+from sessionledger.domain.events import EVENT_TYPES, SessionEvent, unknown_event_types
 from sessionledger.domain.values import parse_session_id
 
 __all__ = [
@@ -99,7 +99,7 @@ def _event_filter(events: Iterable[str] | None) -> frozenset[str] | None:
         raise InvalidArgument(
             f"events must be an iterable of event type names, got {type(events).__name__}"
         ) from None
-    unknown = [name for name in names if not isinstance(name, str) or name not in EVENT_TYPES]
+    unknown = unknown_event_types(names)
     if unknown:
         raise InvalidArgument(
             f"unknown event type{'s' if len(unknown) > 1 else ''} "
