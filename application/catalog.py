@@ -10,6 +10,7 @@ tags in one statement, in the swap's transaction.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -30,7 +31,13 @@ from sessionledger.domain.events import (
     to_micros,
 )
 from sessionledger.domain.values import MAX_LABEL_LENGTH, checked_text, decimal_digits
-from sessionledger.infrastructure.catalog_store import NEXT, CatalogRow, CatalogStore
+from sessionledger.infrastructure.catalog_store import (
+    NEXT,
+    CatalogRow,
+    CatalogStore,
+    Totals,
+    TotalsPrefetcher,
+)
 from sessionledger.infrastructure.codec import PayloadCodec, blob
 from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore
 from sessionledger.projections.catalog import (
@@ -53,6 +60,10 @@ log = logging.getLogger("sessionledger.catalog")
 CATALOG = "catalog"
 REBUILD_TRACKING = "catalog:rebuild"
 VERSION_KEY = "projection:catalog"
+#: a rebuild commits every REBUILD_BATCH positions: big enough that commits (which rewrite
+#: pages all over a table keyed by random UUIDs) cost little per event, small enough that an
+#: interrupted rebuild loses little (measured: 10,000 -> 100,000 doubled the rate on 1M events
+#: in 100k sessions, benchmarks/catalog_bench.py)
 REBUILD_BATCH = 100_000
 
 #: progress(done_position, head_position, events_per_second) during a rebuild
@@ -118,14 +129,18 @@ class CatalogConsumer:
         """The Consumer protocol's per-row entry (unused: the runner calls handle_window)."""
         raise NotImplementedError("the catalog folds position windows: handle_window()")
 
-    def handle_window(self, conn: Connection, after: int, upto: int) -> int:
-        """Fold the events with positions in (after, upto]; return how many there were."""
+    def handle_window(self, conn: Connection, after: int, upto: int,
+                      totals: Totals | None = None) -> int:
+        """Fold the events with positions in (after, upto]; return how many there were.
+        `totals`: the window's per-session totals as read ahead (CatalogStore.read_totals,
+        outside this transaction), else they are read here."""
         if upto - after < _GC_PAUSE_MIN:
-            return self._fold_window(conn, after, upto)
+            return self._fold_window(conn, after, upto, totals)
         with gc_paused():
-            return self._fold_window(conn, after, upto)
+            return self._fold_window(conn, after, upto, totals)
 
-    def _fold_window(self, conn: Connection, after: int, upto: int) -> int:
+    def _fold_window(self, conn: Connection, after: int, upto: int,
+                     ahead: Totals | None) -> int:
         """Fold the events with positions in (after, upto]; return how many there were.
 
         The same result as fold() applied event by event (the tests hold the two together):
@@ -137,7 +152,7 @@ class CatalogConsumer:
         if after == 0 and not self.suffix:
             # a live catalog built from the start of the log is this projection version's
             self.tables.set_meta(conn, VERSION_KEY, str(CATALOG_VERSION))
-        totals, special = self.tables.window(conn, after, upto, SPECIAL_TYPES)
+        totals, special = self.tables.window(conn, after, upto, SPECIAL_TYPES, ahead)
         # a session whose SessionStarted (version 1: its first event, so its first position) is
         # in this window has no stored row yet: only the others are looked up (a rebuild of
         # 500,000 events in 100,000 sessions: 3,200 ids instead of 100,000, 0.05 s -> 0.01 s)
@@ -177,6 +192,10 @@ class CatalogConsumer:
                 stored_version(sid, version)
             found = entries.get(sid)
             if found is None:
+                if ahead is not None and self.tables.purged(conn, sid):
+                    # totals read ahead, before a purge of a session started in this window
+                    # (a purge always deletes from the start of a stream): nothing to fold
+                    continue
                 # events of a session whose start is in no window: its log begins mid-stream
                 raise CorruptedData(sid, None, "events of a session that never started")
             handled += count  # COUNT(*): an int from SQLite and from PostgreSQL
@@ -209,11 +228,8 @@ class Catalog:
         self.runner = runner
         self.consumer = CatalogConsumer(tables, payloads)
         self._rebuilder = CatalogConsumer(tables, payloads, name=REBUILD_TRACKING, suffix=NEXT)
-        # a rebuild commits every REBUILD_BATCH events: big enough that commits (which rewrite
-        # pages all over a table keyed by random UUIDs) cost little per event, small enough that
-        # an interrupted rebuild loses little (measured: 10,000 -> 100,000 doubled the rate on
-        # 1M events in 100k sessions, benchmarks/catalog_bench.py)
-        self._rebuild_runner = SubscriberRunner(subscriptions, REBUILD_BATCH)
+        #: positions per window (and per commit) of a rebuild
+        self.rebuild_batch = REBUILD_BATCH
 
     # -- versions ---------------------------------------------------------------------------
 
@@ -314,24 +330,56 @@ class Catalog:
             log.info("catalog rebuild finished by another engine")
             return 0
 
+    def _window_reader(self) -> contextlib.AbstractContextManager[TotalsPrefetcher | None]:
+        """A reader of the next window's totals, or None on an in-memory SQLite database (one
+        connection for every thread: nothing can read beside the fold)."""
+        store = self.subscriptions.store
+        if store.dialect == "sqlite" and store.url.database in (None, "", ":memory:"):
+            return contextlib.nullcontext()
+        return TotalsPrefetcher(self.tables)
+
+    def _fold_next_window(self, reader: TotalsPrefetcher | None) -> int:
+        """Fold the next window of the log into the "_next" tables; 0 once there is none.
+
+        As SubscriberRunner.step does for the live catalog, reading the totals of the window
+        after it ahead (they may count sessions purged before this window commits: the fold
+        skips those that start in the window, the swap drops the others, as it drops those
+        purged after)."""
+        subs = self.subscriptions
+        with subs.transaction(REBUILD_TRACKING, hold_off_purges=True) as (conn, position):
+            head = subs.head_in(conn)
+            if head <= position:
+                return 0
+            batch = self.rebuild_batch
+            upto = min(head, position + batch)
+            totals = None
+            if reader is not None:
+                totals = reader.take(position, upto)
+                if upto < head:
+                    reader.ask(upto, min(head, upto + batch))
+            handled = self._rebuilder.handle_window(conn, position, upto, totals)
+            subs.advance(conn, REBUILD_TRACKING, upto)
+            return max(handled, 1)
+
     def _fill_and_swap(self, progress: Progress | None) -> int:
         subs = self.subscriptions
         started = time.perf_counter()
         first = subs.position(REBUILD_TRACKING)
         head = subs.head()
         done = first
-        while True:
-            handled = self._rebuild_runner.step(self._rebuilder)
-            done = subs.position(REBUILD_TRACKING)
-            if progress is not None:
-                elapsed = time.perf_counter() - started
-                rate = (done - first) / elapsed if elapsed > 0 else 0.0
-                progress(done, max(head, done), rate)
-            if not handled:
-                break
+        with self._window_reader() as reader:
+            while True:
+                handled = self._fold_next_window(reader)
+                done = subs.position(REBUILD_TRACKING)
+                if progress is not None:
+                    elapsed = time.perf_counter() - started
+                    rate = (done - first) / elapsed if elapsed > 0 else 0.0
+                    progress(done, max(head, done), rate)
+                if not handled:
+                    break
         # the swap: fold what came meanwhile, then rename, in one transaction that holds the
         # live catalog's tracking row (no live batch can interleave)
-        with subs.transaction(CATALOG) as (conn, _):
+        with subs.transaction(CATALOG, hold_off_purges=True) as (conn, _):
             position = subs.head_in(conn)
             rebuilt = subs.position(REBUILD_TRACKING)
             if rebuilt < position:

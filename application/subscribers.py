@@ -176,7 +176,8 @@ class SubscriberRunner:
     def _step_window(self, consumer: Any) -> int:
         """A consumer that folds whole position windows in SQL (the catalog): exactly once."""
         subs = self.subscriptions
-        with subs.transaction(consumer.name) as (conn, position):
+        # no purge may commit between reading a window and writing its sessions' rows
+        with subs.transaction(consumer.name, hold_off_purges=True) as (conn, position):
             head = subs.head_in(conn)
             if head <= position:
                 return 0

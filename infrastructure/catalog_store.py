@@ -6,12 +6,16 @@ projections/catalog.py; storage does not know its classes).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateIndex, CreateTable
+
+from sessionledger.domain.errors import StorageError
 
 from . import schema
 from .store import EventStore, secure_delete
@@ -20,6 +24,12 @@ CATALOG_COLUMNS = ("session_id", "name", "status", "parent", "created_by", "crea
                    "updated_ts", "version", "event_count", "last_checkpoint", "tags")
 #: one catalog row, in CATALOG_COLUMNS order
 CatalogRow = tuple[str, str, str, str | None, str | None, int, int, int, int, str | None, str]
+
+#: what the catalog reads of a window of positions (CatalogStore.window): per session
+#: (session_id, highest version, latest ts, events), and the special events in order
+#: (session_id, version, type, ts, actor, payload)
+Totals = Sequence[Sequence[Any]]
+Window = tuple[Totals, list[tuple[str, int, str, int, str | None, bytes]]]
 
 _COLS = ", ".join(CATALOG_COLUMNS)
 _UPDATES = ", ".join(f"{c} = excluded.{c}" for c in CATALOG_COLUMNS[1:])
@@ -68,9 +78,9 @@ class CatalogStore:
                 "ON CONFLICT DO NOTHING"), tags)
 
     def window(
-        self, conn: Connection, after: int, upto: int, special: Sequence[str]
-    ) -> tuple[list[tuple[str, int, int, int]], list[tuple[str, int, str, int, str | None,
-                                                            bytes]]]:
+        self, conn: Connection, after: int, upto: int, special: Sequence[str],
+        totals: Totals | None = None,
+    ) -> Window:
         """The events with positions in (after, upto], as the catalog needs them:
 
         - per session: (session_id, highest version, latest ts, number of events), grouped by
@@ -78,13 +88,16 @@ class CatalogStore:
           time on never reach Python;
         - the events of the `special` types in order: (session_id, version, type, ts, actor,
           payload).
+
+        `totals`: the first part as read ahead (read_totals), else it is read here.
         """
         cursor = conn.connection.cursor()
         try:
-            cursor.execute(self._sql(
-                "SELECT session_id, MAX(version), MAX(ts), COUNT(*) FROM sl_events "
-                "WHERE position > ? AND position <= ? GROUP BY session_id"), (after, upto))
-            totals = list(cursor.fetchall())
+            if totals is None:
+                cursor.execute(self._sql(
+                    "SELECT session_id, MAX(version), MAX(ts), COUNT(*) FROM sl_events "
+                    "WHERE position > ? AND position <= ? GROUP BY session_id"), (after, upto))
+                totals = list(cursor.fetchall())
             marks = ", ".join("?" * len(special))
             cursor.execute(self._sql(
                 "SELECT session_id, version, type, ts, actor, payload FROM sl_events "
@@ -94,6 +107,42 @@ class CatalogStore:
         finally:
             cursor.close()
         return totals, events
+
+    def read_totals(self, after: int, upto: int) -> Totals:
+        """The per-session totals of window() for (after, upto], on a connection of its own,
+        aggregated into one JSON document by the database: the whole query is one step of the
+        driver, which runs without the GIL (a read ahead in a thread, WindowPrefetcher), and
+        json.loads builds the rows in a tenth of the time the driver takes row by row.
+
+        Read outside the transaction that folds the window: the sessions purged since are in
+        it (the fold skips those, see CatalogConsumer). StorageError on a value JSON cannot
+        hold (a damaged row: SQLite keeps any type in any column) or a SQLite built without
+        JSON: window() then reads the window, and checks it."""
+        if self.dialect == "sqlite":
+            sql = ("SELECT json_group_array(json_array(session_id, v, ts, n)) FROM ("
+                   "SELECT session_id, MAX(version) AS v, MAX(ts) AS ts, COUNT(*) AS n "
+                   "FROM sl_events WHERE position > ? AND position <= ? GROUP BY session_id)")
+        else:
+            sql = ("SELECT COALESCE(json_agg(json_build_array(session_id, v, ts, n)), '[]') "
+                   "FROM (SELECT session_id, MAX(version) AS v, MAX(ts) AS ts, COUNT(*) AS n "
+                   "FROM sl_events WHERE position > %s AND position <= %s GROUP BY session_id) t")
+        with self.store.storage_errors("read events from"), \
+                self.store.engine.connect() as conn:
+            cursor = conn.connection.cursor()
+            try:
+                cursor.execute(sql, (after, upto))
+                document = cast(tuple[Any], cursor.fetchone())[0]
+            finally:
+                cursor.close()
+        totals = json.loads(document) if isinstance(document, str) else document
+        if type(totals) is not list:
+            raise StorageError(f"catalog window totals are not a list: {type(totals)}")
+        return cast(Totals, totals)
+
+    def purged(self, conn: Connection, session_id: str) -> bool:
+        """True when `session_id` has a tombstone (as the transaction of `conn` sees it)."""
+        return conn.exec_driver_sql(self._sql(
+            "SELECT 1 FROM sl_tombstones WHERE session_id = ?"), (session_id,)).first() is not None
 
     def set_meta(self, conn: Connection, key: str, value: str) -> None:
         """Record `key` = `value` in sl_meta (in the transaction of `conn`)."""
@@ -227,3 +276,47 @@ class CatalogStore:
         """Every live row, by session id (for comparisons and tests)."""
         return [tuple(row) for row in self.store.query(
             f"SELECT {_COLS} FROM sl_catalog ORDER BY session_id")]
+
+
+class TotalsPrefetcher:
+    """Reads the next window's totals (CatalogStore.read_totals) in a thread while the caller
+    folds the current window.
+
+    A catalog rebuild spends a quarter of its time on the totals' GROUP BY (SQLite sorts each
+    window of 100,000 events by session): read ahead, that time overlaps the fold of the window
+    before on a machine with a second CPU. A read ahead that fetched rows one by one gained
+    nothing (measured: 2.2-2.3 s -> 2.3-2.6 s on 500,000 events): the driver lets go of the GIL
+    for each row and waits to take it back while the fold runs. One window ahead at most;
+    close() waits for a read under way.
+    """
+
+    def __init__(self, tables: CatalogStore) -> None:
+        self._tables = tables
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sessionledger-read")
+        self._ahead: tuple[int, int, Future[Totals]] | None = None
+
+    def ask(self, after: int, upto: int) -> None:
+        """Start reading the totals of the window (after, upto]."""
+        self._ahead = (after, upto, self._pool.submit(self._tables.read_totals, after, upto))
+
+    def take(self, after: int, upto: int) -> Totals | None:
+        """The totals of (after, upto] if they were asked for; None when they were not, or
+        their read failed (the caller reads them itself, and meets the error there if it
+        lasts)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[:2] != (after, upto):
+            return None
+        try:
+            return ahead[2].result()
+        except Exception:
+            return None
+
+    def close(self) -> None:
+        self._ahead = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> TotalsPrefetcher:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -39,6 +39,9 @@ DEFAULT_URL = "sqlite:///sessionledger.db"
 _SCHEMA_LOCK_KEY = 0x736C
 #: pg_advisory_xact_lock key every appending transaction holds until it commits
 _APPEND_LOCK_KEY = 0x736C01
+#: PostgreSQL: a purge holds this advisory lock exclusively, a catalog fold shares it (see
+#: EventStore.hold_off_purges)
+_PURGE_LOCK_KEY = 0x736C02
 #: PostgreSQL NOTIFY channel that announces new events to waiting subscribers
 EVENTS_CHANNEL = "sl_events"
 DURABILITY_PRAGMAS = {"full": "FULL", "normal": "NORMAL"}
@@ -464,6 +467,9 @@ class EventStore:
                 for guard in _PURGE_GUARDS:  # no-ops once they exist
                     conn.exec_driver_sql(guard)
             else:
+                # first the purge lock: a catalog fold under way finishes before this purge
+                # deletes anything (hold_off_purges); appends are not held up meanwhile
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PURGE_LOCK_KEY})")
                 # the appends' ordering lock: an append that commits first is deleted with the
                 # rest; one that waited sees the tombstone (its next statements read after the
                 # lock) or finds the event before it gone (append_one's row lock)
@@ -482,6 +488,17 @@ class EventStore:
             if also is not None:
                 also(conn)
             conn.commit()
+
+    def hold_off_purges(self, conn: Connection) -> None:
+        """Keep purges out until the transaction of `conn` ends (PostgreSQL; SQLite's write
+        lock, which such a transaction holds, does it already).
+
+        For a read model that reads events and then writes rows of their sessions in one
+        transaction (the catalog): at READ COMMITTED a purge committing in between would have
+        its deletion of the session's row undone by the write. Purges wait for such
+        transactions, and those wait for a purge under way; appends wait for neither."""
+        if self.dialect == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock_shared({_PURGE_LOCK_KEY})")
 
     def checkpoint(self) -> None:
         """SQLite: copy the WAL into the database file and empty it (best effort: a reader in

@@ -81,13 +81,16 @@ class SubscriptionStore:
     # -- transactions ----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self, name: str) -> Iterator[tuple[Connection, int]]:
+    def transaction(self, name: str, *, hold_off_purges: bool = False
+                    ) -> Iterator[tuple[Connection, int]]:
         """(connection, tracked position) inside one transaction that holds the subscriber's
         tracking row; commits on success, rolls back on any error.
 
         SQLite takes the database write lock up front (BEGIN IMMEDIATE: no lock upgrade half
         way); PostgreSQL locks the tracking row (SELECT ... FOR UPDATE), so two processes that
         run the same subscriber take turns instead of applying a batch twice.
+        `hold_off_purges`: no purge commits while the transaction runs
+        (EventStore.hold_off_purges).
         """
         doing = f"run subscriber {name!r} on"
         with self.store.storage_errors(doing), self.engine.connect() as conn:
@@ -102,6 +105,8 @@ class SubscriptionStore:
                 row = conn.execute(sa.text(
                     "SELECT position FROM sl_tracking WHERE name = :n FOR UPDATE"),
                     {"n": name}).first()
+                if hold_off_purges:
+                    self.store.hold_off_purges(conn)
             try:
                 with self.store.holding_write_lock():
                     yield conn, tracked(name, row[0]) if row else 0

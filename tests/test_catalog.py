@@ -219,7 +219,7 @@ def test_interrupted_rebuild_resumes(engine_factory: EngineFactory, backend: Bac
         raise Interrupt
 
     small = engine_factory()
-    small._catalog._rebuild_runner.batch_size = 3  # several batches
+    small._catalog.rebuild_batch = 3  # several batches
     with pytest.raises(Interrupt):
         small.rebuild("catalog", progress=stop_after_first_batch)
     tracked = backend.sql("SELECT position FROM sl_tracking WHERE name = 'catalog:rebuild'")
@@ -245,7 +245,7 @@ def test_a_session_purged_during_a_rebuild_stays_out_of_the_rebuilt_catalog(
         raise Interrupt
 
     small = engine_factory()
-    small._catalog._rebuild_runner.batch_size = 1000  # the whole log in the first window
+    small._catalog.rebuild_batch = 1000  # the whole log in the first window
     with pytest.raises(Interrupt):
         small.rebuild("catalog", progress=stop)
     report = engine.cleanup(RetentionPolicy(keep_last=0, purge=True))
@@ -372,7 +372,7 @@ def test_rebuild_in_small_windows_resumes_to_the_live_rows_and_tags(
             raise Interrupt
 
     small = engine_factory()
-    small._catalog._rebuild_runner.batch_size = batch
+    small._catalog.rebuild_batch = batch
     with pytest.raises(Interrupt):
         small.rebuild("catalog", progress=stop_after_two_windows)
     assert backend.sql("SELECT COUNT(*) FROM sl_catalog_next")[0][0] > 0  # type: ignore[operator]
@@ -422,3 +422,67 @@ def test_large_windows_fold_with_the_collector_paused_and_restore_it(
     with pytest.raises(ZeroDivisionError), gc_paused():
         1 / 0  # noqa: B018
     assert gc.isenabled()
+
+
+def test_a_rebuild_reads_each_next_windows_totals_ahead(
+        engine_factory: EngineFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The totals read ahead (one JSON document, on a connection of their own) are the totals
+    the fold would read itself, and a rebuild of several windows takes them."""
+    from sessionledger.infrastructure.catalog_store import CatalogStore
+
+    engine = engine_factory()
+    populate(engine)
+    engine.find()
+    live = catalog_rows(backend)
+    tables = engine._catalog.tables
+    head = engine._catalog.subscriptions.head()
+    with engine._store.engine.connect() as conn:
+        own = tables.window(conn, 3, head - 2, ["SessionStarted"])[0]
+    assert sorted(map(tuple, tables.read_totals(3, head - 2))) == sorted(own)
+    assert tables.read_totals(head, head + 10) == []
+
+    taken: list[bool] = []
+    real = CatalogStore.window
+
+    def window(self: CatalogStore, conn: Any, after: int, upto: int, special: Any,
+               totals: Any = None) -> Any:
+        taken.append(totals is not None)
+        return real(self, conn, after, upto, special, totals)
+
+    monkeypatch.setattr(CatalogStore, "window", window)
+    small = engine_factory()
+    small._catalog.rebuild_batch = 4
+    assert small.rebuild("catalog") == head
+    assert catalog_rows(backend) == live
+    # every window but the first was read ahead
+    assert len(taken) == -(-head // 4) and taken == [False] + [True] * (len(taken) - 1)
+
+
+def test_totals_read_ahead_of_a_purge_skip_the_purged_session(
+        engine_factory: EngineFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Totals read ahead may count a session that a purge deleted before its window was
+    folded (its start included): the fold leaves it out. A session counted there that never
+    started and was not purged is damage, as before."""
+    from sessionledger import CorruptedData
+    from sessionledger.infrastructure.catalog_store import CatalogStore
+
+    engine = engine_factory()
+    populate(engine)
+    gone = engine.create("gone")
+    engine.end(gone)
+    assert gone in engine.cleanup(RetentionPolicy(max_age=0, purge=True)).session_ids
+    live = catalog_rows(backend)
+    real = CatalogStore.read_totals
+    extra = [gone, 2, 1, 2]
+
+    def read_before_the_purge(self: CatalogStore, after: int, upto: int) -> Any:
+        return [*real(self, after, upto), extra]
+
+    monkeypatch.setattr(CatalogStore, "read_totals", read_before_the_purge)
+    small = engine_factory()
+    small._catalog.rebuild_batch = 3
+    small.rebuild("catalog")
+    assert catalog_rows(backend) == live
+    extra[0] = "01a21600-0000-7000-8000-000000000000"  # no tombstone: damage
+    with pytest.raises(CorruptedData, match="never started"):
+        small.rebuild("catalog")

@@ -68,7 +68,7 @@ def test_two_engines_rebuilding_the_catalog_at_once(engine_factory: EngineFactor
     returns 0 (the catalog was rebuilt), not an error about a missing table."""
     first, second = engine_factory(), engine_factory()
     ids = [first.create(f"s{i}", tags=["t"]) for i in range(12)]
-    first._catalog._rebuild_runner.batch_size = 4  # several batches
+    first._catalog.rebuild_batch = 4  # several batches
     swapped: list[int] = []
 
     def progress(done: int, head: int, rate: float) -> None:

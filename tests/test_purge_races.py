@@ -213,3 +213,50 @@ def test_verify_while_a_session_is_purged(
     report = checker.verify()
     assert report.ok, report.problems
     assert (report.sessions, report.snapshots) == (1, 1)
+
+
+@pytest.mark.parametrize(("fold", "after"), [
+    ("catch_up", "window"), ("rebuild", "window"), ("rebuild", "drop_purged_next"),
+])
+def test_a_purge_while_the_catalog_folds_the_session(
+    backend: Backend, engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+    fold: str, after: str,
+) -> None:
+    """The catalog has read a window holding a session's events (or a rebuild has dropped the
+    purged sessions from its tables); a purge of that session in another engine starts before
+    the folded rows are written (swapped in). The catalog must not hold the purged session
+    afterwards. On PostgreSQL the purge committed in between and the fold wrote the session's
+    row back: find() listed a purged session for good."""
+    from sessionledger.infrastructure.catalog_store import CatalogStore
+
+    folder, purger = engine_factory(), engine_factory()
+    kept = folder.create("kept")
+    sid = folder.create("doomed")
+    folder.end(sid)
+    if fold == "rebuild":
+        folder.find()  # the live catalog is current: the rebuild's own window is the one
+    real = getattr(CatalogStore, after)
+    purges: list[threading.Thread] = []
+
+    def then_purge(self: CatalogStore, *args: Any) -> Any:
+        done = real(self, *args)
+        monkeypatch.setattr(CatalogStore, after, real)
+        # cleanup()'s purge step itself: its own catch-up, which would wait for the fold's
+        # transaction, ran before the fold began (a cleanup in another engine a moment earlier)
+        thread = threading.Thread(target=purger._purge, args=(sid, "doomed", "COMPLETED"))
+        thread.start()
+        purges.append(thread)
+        thread.join(timeout=0.5)  # done now, unless the fold's transaction holds it off
+        return done
+
+    monkeypatch.setattr(CatalogStore, after, then_purge)
+    if fold == "rebuild":
+        folder.rebuild("catalog")
+    else:
+        folder.find()
+    assert len(purges) == 1
+    purges[0].join(timeout=30)
+    assert not purges[0].is_alive()
+    assert [s.id for s in folder.find()] == [kept]
+    assert [s.id for s in engine_factory().find()] == [kept]
+    assert_store_sound(engine_factory)
