@@ -97,7 +97,14 @@ def parse_time(value: object, what: str = "time") -> datetime:
                 "2026-11-25T11:00:00+01:00 or 2026-11-25"
             ) from None
     if isinstance(value, datetime):
-        return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+        # naive is what Python says it is: no tzinfo, or one that gives no offset
+        try:
+            offset = value.utcoffset()
+        except Exception as error:  # a tzinfo that fails, or gives no timedelta
+            raise InvalidArgument(
+                f"invalid {what} {value!r}: its tzinfo gives no UTC offset ({error})"
+            ) from None
+        return value if offset is not None else value.replace(tzinfo=timezone.utc)
     if isinstance(value, date):
         return datetime.combine(value, time(), tzinfo=timezone.utc)
     raise InvalidArgument(
@@ -307,8 +314,13 @@ class AuditQueries:
                     name: str | None = data.get("name")
                     names[sid] = name
                 else:
-                    name = names.get(sid)
-                    names.move_to_end(sid)
+                    try:
+                        names.move_to_end(sid)
+                        name = names[sid]
+                    except KeyError:
+                        # damage: the session's SessionStarted comes later in this batch (it
+                        # was left out of the lookup above); its version 1 names nothing
+                        name = None
                 yield SessionEvent(sid, version, event_type, event_time(sid, version, micros),
                                    actor, correlation, data, position=position,
                                    session_name=name)

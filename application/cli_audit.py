@@ -157,7 +157,9 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 
 def _time(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds")
+    # the stored microseconds: a time copied from a table into --at, --since or --until
+    # must name the same instant (milliseconds fell before the event they came from)
+    return moment.isoformat(timespec="microseconds")
 
 
 def _event_dict(event: SessionEvent) -> dict[str, Any]:

@@ -7,6 +7,7 @@ durable subscribers, retention and verify together.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -421,10 +422,8 @@ class SessionEngine:
         """The session's events in version order, optionally only those with since <= time <
         until, of `types`, by `actor`. The whole stream is read and chain-checked first, so a
         filter never serves an event that fails the check."""
-        try:
+        with self._tombstones_named():
             return self.audit.history(session_id, since, until, types, actor)
-        except SessionNotFound as missing:
-            raise self._writer.not_found(missing.session_id) from None
 
     def state_at(
         self, session_id: str | UUID, version: int | None = None, at: datetime | str | None = None
@@ -432,16 +431,28 @@ class SessionEngine:
         """The session as it was at `version`, or at time `at` (its last version then): the
         nearest snapshot at or below plus the events after it, exactly what replaying events
         1..N gives. Give one of the two (a naive datetime means UTC)."""
-        return self.audit.state_at(session_id, version, at)
+        with self._tombstones_named():
+            return self.audit.state_at(session_id, version, at)
 
     def diff(self, session_id: str | UUID, a: int, b: int) -> StateDiff:
         """State keys added, changed and removed from version `a` to `b`, each with the events
         (version, time, actor, type) that touched it between them."""
-        return self.audit.diff(session_id, a, b)
+        with self._tombstones_named():
+            return self.audit.diff(session_id, a, b)
 
     def blame(self, session_id: str | UUID, key: str) -> list[BlameEntry]:
         """Every change to one state key: version, time, actor, value (or its deletion)."""
-        return self.audit.blame(session_id, key)
+        with self._tombstones_named():
+            return self.audit.blame(session_id, key)
+
+    @contextlib.contextmanager
+    def _tombstones_named(self) -> Iterator[None]:
+        """SessionNotFound raised inside becomes SessionPurged for a purged session (naming
+        its tombstone), as get() raises it."""
+        try:
+            yield
+        except SessionNotFound as missing:
+            raise self._writer.not_found(missing.session_id) from None
 
     def timeline(
         self,

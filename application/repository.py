@@ -22,6 +22,7 @@ from sessionledger.infrastructure.store import EventStore, SnapshotRow, StoredSn
 from sessionledger.projections.replay import replay
 from sessionledger.projections.snapshots import (
     CURRENT_FORMAT,
+    lacks_outcome,
     session_from_snapshot,
     snapshot_fields,
 )
@@ -82,6 +83,14 @@ class SessionRepository:
                 raise SnapshotVersionError(sid, version, fmt, CURRENT_FORMAT)
             fields = self.snapshots.decode(flags, digest, data, sid, version)
             session, head = session_from_snapshot(fields, fmt, sid, version)
+            if lacks_outcome(session):
+                # sound, but a format 0 snapshot of an archived session holds no outcome (the
+                # status no longer tells it): the events do
+                self.skipped["incomplete"] += 1
+                log.info("snapshot without the outcome of an archived session, loading from "
+                         "events", extra={"session_id": sid, "version": version,
+                                          "reason": "incomplete"})
+                return None
             # the events from the snapshot's own version on: that first one proves the snapshot
             # sits on this chain (its digest is the snapshot's head)
             if not stored or stored[0][0] != version:

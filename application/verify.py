@@ -36,6 +36,7 @@ from sessionledger.infrastructure.store import EventStore
 from sessionledger.projections.replay import current_data
 from sessionledger.projections.snapshots import (
     CURRENT_FORMAT,
+    lacks_outcome,
     session_from_snapshot,
     snapshot_fields,
 )
@@ -384,6 +385,8 @@ class Verifier:
         except SessionLedgerError as error:
             yield Problem(sid, version, f"snapshot unreadable: {error}")
             return
+        if fmt == 0 and lacks_outcome(snapshot):
+            snapshot.outcome = session.outcome  # format 0 holds none (loads use the events)
         if head is not None and head != event_digest:
             yield Problem(sid, version, "snapshot is not on the chain of the events")
         elif snapshot != session:

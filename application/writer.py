@@ -287,10 +287,16 @@ class SessionWriter:
                         # "nothing to change" was decided on a stale copy: decide again
                         raise ConcurrencyConflict(sid, session.version, "stale working set")
                 except _STALE_DECISION_ERRORS:
-                    if not cached:
-                        raise
-                    self._working_set.pop(sid, None)
-                    continue
+                    if cached:
+                        self._working_set.pop(sid, None)
+                        continue
+                    if key is not None:
+                        # the same keyed command, committed by another engine since the key
+                        # was looked up, is why this one no longer applies: its result
+                        used = self._store.idempotent_result(sid, key)
+                        if used is not None:
+                            return used[1]
+                    raise
                 if not pending and key is None:
                     return session.version
                 # never let a session's clock run backwards, whatever the writers' clocks say

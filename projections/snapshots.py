@@ -88,6 +88,12 @@ def _read_format_0(session: Session, fields: dict[str, Any]) -> bytes | None:
     return None
 
 
+def lacks_outcome(session: Session) -> bool:
+    """True for a session read from a snapshot that could not hold its outcome: format 0 kept
+    none, and took it from the status, which an archived session's no longer gives."""
+    return session.status is SessionStatus.ARCHIVED and session.outcome is None
+
+
 #: format -> reader filling a Session from the snapshot map; returns the chain head if stored
 READERS: dict[int, Callable[[Session, dict[str, Any]], bytes | None]] = {
     0: _read_format_0,
