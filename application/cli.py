@@ -203,6 +203,10 @@ def load_setup(target: str) -> Any:
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
         raise InvalidArgument(f"--setup {target!r}: expected module:function")
+    # the current directory first, as `python -m` and `celery -A` have it: the console script
+    # puts only its own bin directory on sys.path, where the user's module is not
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
         setup = getattr(module, attribute)

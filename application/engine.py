@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -81,6 +82,32 @@ _verify_counter: Any = None
 def _start_verify_worker(counter: Any) -> None:
     global _verify_counter
     _verify_counter = counter
+    # Ctrl-C in a terminal reaches every process of the group: the verifying process handles
+    # it (and ends the workers); a worker must not print a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """SIGINT ignored while worker processes are started, when this is the main thread: a
+    process inherits the ignored disposition, and Python then leaves it ignored, so Ctrl-C
+    while a worker imports prints nothing there. (A Ctrl-C in these few milliseconds is lost.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _end_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop a parallel verify's workers now (an interrupt or a failure here): they only read,
+    and waiting for each to finish its piece kept an interrupted verify running."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        with contextlib.suppress(Exception):
+            process.terminate()
 
 
 def _close_verify_pool(pool: ProcessPoolExecutor, counter: Any) -> None:
@@ -153,6 +180,8 @@ class SessionEngine:
         self._durable: dict[str, HandlerSubscriber] = {}
         #: background runners run_subscribers() started: close() stops them
         self._runners: list[SubscriberThread] = []
+        #: threads waiting for parallel verifies' workers to exit (joined by close())
+        self._verify_closers: list[threading.Thread] = []
         self._catalog_outdated = False
         try:
             if self._catalog.outdated():
@@ -194,6 +223,11 @@ class SessionEngine:
         for runner in self._runners:
             runner.stop()
         self._runners.clear()
+        # the worker processes of parallel verifies exit now: wait here, where a Ctrl-C is
+        # the caller's to handle, not in the interpreter's exit ("Exception ignored")
+        for closer in self._verify_closers:
+            closer.join()
+        self._verify_closers.clear()
         with self._lock:
             self._writer.clear()
             self._store.close()
@@ -709,6 +743,8 @@ class SessionEngine:
         self._writer.forget(sid)
         self._store.purge(sid, name, status, now_us(),
                           lambda conn: self._catalog.tables.delete(conn, sid))
+        if self._metrics_hook is not None:
+            self._metrics_hook.forget(sid)
 
     # -- tamper evidence ------------------------------------------------------------------------
 
@@ -752,8 +788,9 @@ class SessionEngine:
         pool = ProcessPoolExecutor(workers - 1, mp_context=context,
                                    initializer=_start_verify_worker, initargs=(counter,))
         try:
-            for _ in range(workers - 1):
-                pool.submit(int)
+            with _workers_ignore_sigint():
+                for _ in range(workers - 1):
+                    pool.submit(int)  # a process each, started here
             pieces = shards(self._store, workers * _VERIFY_PIECES_PER_PROCESS)
             others = [pool.submit(_verify_pieces, url, config, pieces)
                       for _ in range(workers - 1)]
@@ -761,13 +798,18 @@ class SessionEngine:
             if len(reports) < len(pieces):  # the workers took the rest
                 for future in others:
                     reports.extend(future.result())
+        except BaseException:
+            _end_workers(pool)
+            raise
         finally:
             # Not waiting here for the workers to exit: each has closed its engine by the time
             # its result is in, and one that got no piece may still be importing. A thread
             # waits instead, holding the shared counter: a worker opens it as it starts, and
             # once this process dropped it the worker failed with FileNotFoundError.
-            threading.Thread(target=_close_verify_pool, args=(pool, counter),
-                             name="sessionledger-verify-pool").start()
+            closer = threading.Thread(target=_close_verify_pool, args=(pool, counter),
+                                      name="sessionledger-verify-pool")
+            closer.start()
+            self._verify_closers = [t for t in self._verify_closers if t.is_alive()] + [closer]
         return merge(reports)
 
     # -- observability -------------------------------------------------------------------------

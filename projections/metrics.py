@@ -16,8 +16,9 @@ has not touched since it started, are not counted. In detail:
 - ``hook_latency_seconds`` and ``hook_errors_total``: per hook, fed by the HookRegistry through
   ``observe_latency`` and ``observe_error``.
 
-Memory: one dict entry per session seen and not yet archived (archived sessions are only
-counted), plus one per started session until it ends.
+Memory: one dict entry per session seen and not yet archived or purged (archived sessions are
+only counted, so a purge of an archived session leaves it counted in ARCHIVED), plus one per
+started session until it ends. A session this engine purges leaves the status it had.
 
 The hot path (``__call__``, ``observe_latency``) uses plain ints and dicts and takes no lock:
 the engine delivers events one transaction at a time under its own lock. ``snapshot()`` and
@@ -174,6 +175,14 @@ class MetricsHook:
             self._by_status[old] -= 1
         self._by_status[_ARCHIVED] += 1
         self._started_at.pop(event.session_id, None)
+
+    def forget(self, session_id: str) -> None:
+        """A session purged for good: it leaves the status it was counted in and the hook's
+        memory. (An archived one is no longer remembered, so it stays counted in ARCHIVED.)"""
+        old = self._status_of.pop(session_id, None)
+        if old is not None:
+            self._by_status[old] -= 1
+        self._started_at.pop(session_id, None)
 
     def _observe_duration(self, seconds: float) -> None:
         self._duration_buckets[bisect.bisect_left(self._bounds, seconds)] += 1

@@ -8,6 +8,8 @@ functions of this module (pytest puts tests/ on sys.path).
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -214,3 +216,25 @@ def test_undecodable_url_is_one_line(cli: Cli, tmp_path: Path,
     assert code == 1 and out == "" and err.count("\n") == 1, err
     assert err.startswith("sessionledger: error: $SESSIONLEDGER_URL "), err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_console_script_imports_a_setup_module_from_the_current_directory(
+        tmp_path: Path) -> None:
+    """`sessionledger subscribers run --setup mymodule:register`, run where mymodule.py is (the
+    README's example): the console script, unlike `python -m`, does not put the current
+    directory on sys.path, and the module was not found."""
+    script = Path(sys.executable).parent / "sessionledger"
+    assert script.exists()
+    (tmp_path / "mymodule_for_setup.py").write_text(
+        "def register(engine):\n"
+        "    engine.subscribe('printer', lambda event: print('seen', event.version))\n")
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    with SessionEngine(url) as engine:
+        engine.create("s")
+    done = subprocess.run(
+        [str(script), "subscribers", "run", "--until-idle", "--setup",
+         "mymodule_for_setup:register", "--url", url],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr
+    assert "seen 1" in done.stdout

@@ -888,3 +888,21 @@ def test_raise_mode_delivers_what_a_failing_hook_issued_then_raises(
     assert [(e.version, e.type) for e in recorder.events] == [
         (1, "SessionStarted"), (2, "StateChanged"), (3, "EventRecorded")]
     assert engine.get(sid, refresh=True).version == 3  # nothing rolled back
+
+
+def test_metrics_forget_the_sessions_this_engine_purges(engine_factory: EngineFactory) -> None:
+    """A purged session is no session: it leaves the status it was counted in, and the
+    hook's memory (it stayed counted COMPLETED for good, one dict entry each)."""
+    engine = engine_factory()
+    ended = [engine.create(f"e{i}") for i in range(5)]
+    for sid in ended:
+        engine.end(sid, outcome="completed")
+    kept = engine.create("kept")
+    before = engine.metrics()["sessions"]
+    assert (before["COMPLETED"], before["ACTIVE"]) == (5, 1)
+    purged = engine.cleanup(RetentionPolicy(max_age=0, purge=True)).session_ids
+    assert sorted(purged) == sorted(ended)
+    after = engine.metrics()["sessions"]
+    assert (after["COMPLETED"], after["ACTIVE"]) == (0, 1)
+    assert engine._metrics_hook is not None
+    assert set(engine._metrics_hook._status_of) == {kept}
