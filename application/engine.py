@@ -173,7 +173,7 @@ class SessionEngine:
         self._metrics_hook: MetricsHook | None = None
         if self.config.lifecycle_hooks:
             self._install_lifecycle_hooks()
-        self._subscriptions = SubscriptionStore(self._store)
+        self._subscriptions = SubscriptionStore(self._store, self._writer.lock)
         self._runner = SubscriberRunner(self._subscriptions)
         self._catalog = Catalog(self._subscriptions, CatalogStore(self._store),
                                 self._codec.payloads, self._runner)

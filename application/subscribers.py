@@ -140,7 +140,7 @@ class SubscriberRunner:
         if getattr(consumer, "windowed", False):
             return self._step_window(consumer)
         if consumer.transactional:
-            with subs.transaction(name) as (conn, position):
+            with subs.transaction(name, calls_back=True) as (conn, position):
                 head = subs.head_in(conn)
                 if head <= position:
                     return 0
@@ -176,6 +176,11 @@ class SubscriberRunner:
     def _step_window(self, consumer: Any) -> int:
         """A consumer that folds whole position windows in SQL (the catalog): exactly once."""
         subs = self.subscriptions
+        if subs.store.holds_write_lock_here() and subs.position(consumer.name) >= subs.head():
+            # nothing to fold, seen without a transaction: find() from a transactional
+            # handler on SQLite works while the catalog is current (a transaction here could
+            # only be refused)
+            return 0
         # no purge may commit between reading a window and writing its sessions' rows
         with subs.transaction(consumer.name, hold_off_purges=True) as (conn, position):
             head = subs.head_in(conn)

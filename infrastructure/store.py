@@ -540,6 +540,15 @@ class EventStore:
         finally:
             held.depth -= 1
 
+    def holds_write_lock_here(self) -> bool:
+        """True inside holding_write_lock() on this thread (SQLite)."""
+        return bool(getattr(self._write_lock_held, "depth", 0))
+
+    def refuse_waiting_for_itself(self, doing: str) -> None:
+        """StorageError now when this thread holds SQLite's write lock on another connection
+        (see holding_write_lock): `doing` would wait 30 s for that lock, then fail."""
+        self._refuse_waiting_for_itself(doing)
+
     def _refuse_waiting_for_itself(self, doing: str) -> None:
         if getattr(self._write_lock_held, "depth", 0):
             raise StorageError(

@@ -50,10 +50,14 @@ class SubscriptionStore:
     """Positions, tracking and the event feed of durable subscribers, on their own connections
     (never the engine's command connection)."""
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventStore,
+                 commands_lock: threading.RLock | None = None) -> None:
         self.store = store
         self.engine = store.engine
         self.dialect = store.dialect
+        #: SQLite: the lock the engine's commands hold, taken before a subscriber's write lock
+        #: (see transaction())
+        self._commands_lock = commands_lock if store.dialect == "sqlite" else None
 
     # -- positions -------------------------------------------------------------------------
 
@@ -81,8 +85,8 @@ class SubscriptionStore:
     # -- transactions ----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self, name: str, *, hold_off_purges: bool = False
-                    ) -> Iterator[tuple[Connection, int]]:
+    def transaction(self, name: str, *, hold_off_purges: bool = False,
+                    calls_back: bool = False) -> Iterator[tuple[Connection, int]]:
         """(connection, tracked position) inside one transaction that holds the subscriber's
         tracking row; commits on success, rolls back on any error.
 
@@ -90,10 +94,21 @@ class SubscriptionStore:
         way); PostgreSQL locks the tracking row (SELECT ... FOR UPDATE), so two processes that
         run the same subscriber take turns instead of applying a batch twice.
         `hold_off_purges`: no purge commits while the transaction runs
-        (EventStore.hold_off_purges).
+        (EventStore.hold_off_purges). `calls_back`: the transaction runs code that may call
+        the engine (a user's handler): on SQLite it holds the engine's command lock too.
         """
         doing = f"run subscriber {name!r} on"
-        with self.store.storage_errors(doing), self.engine.connect() as conn:
+        if self.dialect == "sqlite":
+            # a transactional handler that reads through the engine (find() catches the
+            # catalog up): a second write lock on this thread would wait 30 s for the first
+            self.store.refuse_waiting_for_itself(f"run subscriber {name!r}")
+        # SQLite, code that may call the engine: the engine's command lock first, as commands
+        # take it before their write lock. Otherwise a command of another thread waiting for
+        # this transaction's write lock holds the engine lock, and a handler reading through
+        # the engine (get()) waits for it: both stall until SQLite's 30 s timeout.
+        commands_lock = self._commands_lock if calls_back else None
+        with (commands_lock or contextlib.nullcontext(), self.store.storage_errors(doing),
+              self.engine.connect() as conn):
             if self.dialect == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
                 row = conn.execute(sa.text("SELECT position FROM sl_tracking WHERE name = :n"),

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _helpers import Backend
+from _helpers import POSTGRESQL, Backend
 from sqlalchemy.engine import Connection, make_url
 
 from sessionledger import (
@@ -28,6 +28,7 @@ from sessionledger import (
     SessionConfig,
     SessionEngine,
     SessionEvent,
+    SessionLedgerError,
 )
 from sessionledger.domain.events import EVENT_SCHEMAS, SESSION_STARTED
 from sessionledger.infrastructure.codec import GENESIS_DIGEST, PayloadCodec, chain_digest
@@ -833,3 +834,76 @@ def test_without_the_append_lock_a_late_commit_would_be_skipped(pg_backend: Back
         assert late_position in positions(backend)
         assert late_position not in collector.positions  # skipped for good
         assert status_of(subscriber, "gapcheck").position > late_position
+
+
+def test_a_transactional_handler_reading_the_engine_while_another_thread_commands(
+    engine_factory: EngineFactory,
+) -> None:
+    """The handler calls get() while another thread's update() waits for the batch. On SQLite
+    the update held the engine's lock waiting for the batch's write lock, the handler waited
+    for that lock: both stalled 30 s and the update failed with "database is locked"."""
+    engine = engine_factory()
+    sid = engine.create("s")
+    in_handler, handled = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def handler(event: SessionEvent, conn: Any) -> None:
+        if event.session_id != sid or event.version != 1:
+            return
+        in_handler.set()
+        time.sleep(0.3)  # the other thread's command starts meanwhile
+        seen.append(engine.get(event.session_id).version)
+        handled.set()
+
+    engine.subscribe("reader", handler, transactional=True)
+    runner = engine.run_subscribers()
+    try:
+        assert in_handler.wait(10)
+        outcome: list[object] = []
+        started = time.monotonic()
+
+        def update() -> None:
+            try:
+                outcome.append(engine.update(sid, {"x": 1}))
+            except SessionLedgerError as error:
+                outcome.append(error)
+
+        writer = threading.Thread(target=update)
+        writer.start()
+        writer.join(timeout=20)
+        assert not writer.is_alive() and outcome == [2], outcome
+        assert time.monotonic() - started < 5
+        assert handled.wait(10) and seen[0] in (1, 2)
+    finally:
+        runner.stop()
+
+
+def test_find_from_a_transactional_handler(engine_factory: EngineFactory,
+                                           backend: Backend) -> None:
+    """find() folds pending events into the catalog first. From a transactional handler on
+    SQLite that needs a second write lock on the thread holding the first: it waited 30 s for
+    itself, then failed. It answers when the catalog is current, and else fails at once."""
+    engine = engine_factory()
+    sid = engine.create("s")
+    engine.find()  # the catalog is current
+    found: list[object] = []
+
+    def handler(event: SessionEvent, conn: Any) -> None:
+        started = time.monotonic()
+        try:
+            found.append([s.id for s in engine.find()])
+        except SessionLedgerError as error:
+            found.append(error)
+        found.append(time.monotonic() - started)
+
+    engine.subscribe("finder", handler, transactional=True, events=["SessionStarted"])
+    engine.run_subscribers(until_idle=True)
+    assert found[0] == [sid] and found[1] < 5, found
+    found.clear()
+    engine.create("t")  # the handler runs for this event, the catalog may be behind then
+    engine.run_subscribers(until_idle=True)
+    if backend.kind == POSTGRESQL or not isinstance(found[0], SessionLedgerError):
+        assert len(found[0]) == 2, found  # type: ignore[arg-type]
+    else:  # SQLite, the catalog behind: refused at once
+        assert "write lock" in str(found[0])
+    assert found[1] < 5, found
