@@ -9,7 +9,6 @@ concurrency, the idempotency key if given) -> commit -> the in-process hooks get
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -139,7 +138,7 @@ class SessionWriter:
         self._repository = repository
         self.hooks = hooks
         #: held while a command or a batch reads, decides and writes
-        self.lock = threading.RLock()
+        self.lock = store.commands_lock
         # the working set: session id -> (session, digest of its last event), LRU order
         self._working_set: OrderedDict[str, tuple[Session, bytes]] = OrderedDict()
         self._hook_queue: list[SessionEvent] = []

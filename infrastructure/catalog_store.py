@@ -127,7 +127,7 @@ class CatalogStore:
                    "FROM (SELECT session_id, MAX(version) AS v, MAX(ts) AS ts, COUNT(*) AS n "
                    "FROM sl_events WHERE position > %s AND position <= %s GROUP BY session_id) t")
         with self.store.storage_errors("read events from"), \
-                self.store.engine.connect() as conn:
+                self.store.connection() as conn:
             cursor = conn.connection.cursor()
             try:
                 cursor.execute(sql, (after, upto))
@@ -166,7 +166,7 @@ class CatalogStore:
 
     def next_exists(self) -> bool:
         """True while a rebuild's "_next" tables exist (made, not yet swapped in)."""
-        with self.store.storage_errors("read from"), self.store.engine.connect() as conn:
+        with self.store.storage_errors("read from"), self.store.connection() as conn:
             return bool(sa.inspect(conn).has_table(f"sl_catalog{NEXT}"))
 
     def drop_purged_next(self, conn: Connection) -> None:

@@ -172,6 +172,13 @@ class EventStore:
         self.url = resolve_url(url)
         self.dialect = self.url.get_backend_name()
         self._lock = threading.RLock()
+        #: an in-memory SQLite database is one connection for every thread (StaticPool): every
+        #: use of it holds the store's lock (connection(), scans), and commands hold that same
+        #: lock (SessionWriter takes commands_lock), so there is one lock and no order to keep
+        self.single_connection = self.dialect == "sqlite" and self.url.database in (
+            None, "", ":memory:")
+        #: the lock an engine's commands hold while they read, decide and write
+        self.commands_lock = self._lock if self.single_connection else threading.RLock()
         self._closed = False
         #: per thread: >0 while it holds SQLite's write lock on another connection (a
         #: transactional subscriber's batch), see holding_write_lock()
@@ -460,7 +467,7 @@ class EventStore:
         zeroed; the WAL keeps the old pages until a checkpoint (see checkpoint()).
         """
         self._refuse_waiting_for_itself("purge")
-        with (self.storage_errors("purge a session in"), self.engine.connect() as conn,
+        with (self.storage_errors("purge a session in"), self.connection() as conn,
               secure_delete(conn, "ON")):
             if self.dialect == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -506,7 +513,7 @@ class EventStore:
         copy in the WAL. PostgreSQL: nothing (its own VACUUM reclaims deleted rows)."""
         if self.dialect != "sqlite":
             return
-        with self.storage_errors("checkpoint"), self.engine.connect() as conn:
+        with self.storage_errors("checkpoint"), self.connection() as conn:
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def tombstone(self, session_id: str) -> tuple[str, str, int] | None:
@@ -539,6 +546,18 @@ class EventStore:
             yield
         finally:
             held.depth -= 1
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A pooled SQLAlchemy connection. On an in-memory database, the one connection, with
+        the store's lock held meanwhile: a second thread's transaction interleaved with the
+        commands on it ("cannot start a transaction within a transaction", lost commits, a
+        crash)."""
+        with self._one_user(), self.engine.connect() as conn:
+            yield conn
+
+    def _one_user(self) -> contextlib.AbstractContextManager[Any]:
+        return self._lock if self.single_connection else contextlib.nullcontext()
 
     def holds_write_lock_here(self) -> bool:
         """True inside holding_write_lock() on this thread (SQLite)."""
@@ -583,6 +602,11 @@ class EventStore:
 
     def _scan_batches(self, sql: str, params: Sequence[Any], batch: int
                       ) -> Iterator[Sequence[Any]]:
+        with self._one_user():  # held across the yields: the scan's cursor is open
+            yield from self._scan_batches_on_own(sql, params, batch)
+
+    def _scan_batches_on_own(self, sql: str, params: Sequence[Any], batch: int
+                             ) -> Iterator[Sequence[Any]]:
         with self.storage_errors("read from"):
             fairy = self.engine.raw_connection()
         try:

@@ -108,7 +108,7 @@ class SubscriptionStore:
         # the engine (get()) waits for it: both stall until SQLite's 30 s timeout.
         commands_lock = self._commands_lock if calls_back else None
         with (commands_lock or contextlib.nullcontext(), self.store.storage_errors(doing),
-              self.engine.connect() as conn):
+              self.store.connection() as conn):
             if self.dialect == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
                 row = conn.execute(sa.text("SELECT position FROM sl_tracking WHERE name = :n"),
@@ -140,8 +140,10 @@ class SubscriptionStore:
 
     def advance_now(self, name: str, position: int) -> None:
         """Record `position` for `name` in a transaction of its own."""
-        with self.store.storage_errors(f"run subscriber {name!r} on"), self.engine.begin() as conn:
+        with (self.store.storage_errors(f"run subscriber {name!r} on"),
+              self.store.connection() as conn):
             self.advance(conn, name, position)
+            conn.commit()
 
     def forget(self, conn: Connection, name: str) -> None:
         """Drop the tracking row of `name` (in the transaction of `conn`)."""
@@ -164,7 +166,7 @@ class SubscriptionStore:
         with self.store.storage_errors("read events from"):
             if conn is not None:
                 return self._fetch(conn, statement, params)
-            with self.engine.connect() as own:
+            with self.store.connection() as own:
                 return self._fetch(own, statement, params)
 
     @staticmethod

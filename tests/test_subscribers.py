@@ -907,3 +907,48 @@ def test_find_from_a_transactional_handler(engine_factory: EngineFactory,
     else:  # SQLite, the catalog behind: refused at once
         assert "write lock" in str(found[0])
     assert found[1] < 5, found
+
+
+def test_an_in_memory_engine_shared_by_threads() -> None:
+    """sqlite:// is one connection for every thread. The background runner (catalog and a
+    transactional subscriber) and another thread's find() ran transactions on it while the
+    main thread's commands did: "cannot start a transaction within a transaction", lost
+    commits, positions handled twice, a crash."""
+    engine = SessionEngine("sqlite://")
+    try:
+        sids = [engine.create(f"s{i}") for i in range(10)]
+        handled: list[int] = []
+        engine.subscribe("tx", lambda event, conn: handled.append(event.position),
+                         transactional=True)
+        runner = engine.run_subscribers()
+        stop = threading.Event()
+        finder_errors: list[BaseException] = []
+
+        def finder() -> None:
+            while not stop.is_set():
+                try:
+                    engine.find(limit=5)
+                    list(engine.timeline())
+                except BaseException as error:  # any failure is the finding
+                    finder_errors.append(error)
+                    return
+
+        other = threading.Thread(target=finder)
+        other.start()
+        deadline = time.monotonic() + 1.5
+        updates = 0
+        while time.monotonic() < deadline:
+            engine.update(sids[updates % 10], {"i": updates})
+            updates += 1
+        stop.set()
+        other.join(timeout=30)
+        runner.stop()
+        assert not finder_errors and not runner.errors, (finder_errors, runner.errors)
+        engine.run_subscribers(until_idle=True)
+        head = engine._subscriptions.head()
+        assert head == 10 + updates
+        assert sorted(handled) == list(range(1, head + 1))  # each once
+        assert engine.verify().ok
+        assert sum(s.version for s in engine.find(limit=100)) == head
+    finally:
+        engine.close()
