@@ -7,7 +7,8 @@ from sessionledger import SessionConfig, SessionEngine
 
 def main(url: str) -> int:
     try:
-        with SessionEngine(url, SessionConfig(lifecycle_hooks=False, durability="normal")) as engine:
+        config = SessionConfig(lifecycle_hooks=False, durability="normal")
+        with SessionEngine(url, config) as engine:
             for i in range(300):
                 sid = engine.create(f"s{i}", state={"n": 0})
                 for step in range(1, 20):
