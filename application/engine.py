@@ -79,6 +79,10 @@ _VERIFY_PIECES_PER_PROCESS = 32
 _verify_counter: Any = None
 
 
+#: restore_recent() brings back at most this many sessions per call
+RESTORE_RECENT_LIMIT = 10_000
+
+
 def _start_verify_worker(counter: Any) -> None:
     global _verify_counter
     _verify_counter = counter
@@ -674,27 +678,30 @@ class SessionEngine:
         with self._lock:
             self._catalog.catch_up()
             ids = self._catalog_ids([SessionStatus.ACTIVE.value])
-            return self._writer.batch(ids, Session.decide_save, actor, correlation_id)
+            return self._writer.batch(ids, Session.decide_save_active, actor, correlation_id)
 
     def restore_recent(self, count: int, *, actor: str | None = None,
                        correlation_id: str | None = None) -> list[Session]:
         """Bring the `count` most recently updated ACTIVE or SUSPENDED sessions back into the
         working set (after a restart), append a SessionRestored marking the recovery to each
         (one transaction) and return them (copies), most recent first."""
-        if type(count) is not int or count < 0:
-            raise InvalidArgument(f"count must be an int >= 0, got {count!r}")
+        if type(count) is not int or not 0 <= count <= RESTORE_RECENT_LIMIT:
+            raise InvalidArgument(
+                f"count must be an int from 0 to {RESTORE_RECENT_LIMIT:,}, got {count!r}")
         actor, correlation_id, _ = checked_meta(actor, correlation_id, None)
         with self._lock:
             if count == 0:
                 return []
             self._catalog.catch_up()
             page = self._catalog.find([SessionStatus.ACTIVE, SessionStatus.SUSPENDED], None,
-                                      None, None, None, None, min(count, 10_000), None)
+                                      None, None, None, None, count, None)
             ids = [item.id for item in page]
             for sid in ids:  # a recovery reads the store, not what this engine held
                 self._writer.forget(sid)
-            self._writer.batch(ids, Session.decide_recover, actor, correlation_id)
-            return [self._writer.loaded(sid)[0].copy() for sid in ids]
+            recovered = self._writer.batch(ids, Session.decide_recover, actor, correlation_id)
+            # those the batch recovered: one ended or purged by another engine since it was
+            # listed is left out
+            return [self._writer.loaded(sid)[0].copy() for sid in ids if sid in recovered]
 
     def cleanup(self, policy: RetentionPolicy) -> CleanupReport:
         """Apply a retention policy to ended sessions: archive them (SessionArchived) or purge
@@ -726,27 +733,45 @@ class SessionEngine:
             if policy.dry_run:
                 return CleanupReport(policy.action, ids, dry_run=True)
             if policy.action == "archive":
-                self._writer.batch(ids, Session.decide_archive, None, None)
+                archived = self._writer.batch(ids, Session.decide_archive, None, None)
+                done = [sid for sid in ids if sid in archived]
             else:
-                for row in chosen:
-                    self._purge(row[0], row[1], row[2])
-                if chosen:
+                done = [row[0] for row in chosen if self._purge_if_due(row[0], cutoff)]
+                if done:
                     # the purged pages were zeroed in the database; older copies of them stay
                     # in SQLite's WAL until a checkpoint empties it
                     self._store.checkpoint()
-            return CleanupReport(policy.action, ids, dry_run=False)
+            # what this call did: another engine may have archived or purged some meanwhile
+            return CleanupReport(policy.action, done, dry_run=False)
 
     def _catalog_ids(self, statuses: list[str]) -> list[str]:
         rows = self._catalog.tables.find(statuses, None, None, None, None, None,
                                          1_000_000_000, None)
         return [row[0] for row in rows]
 
-    def _purge(self, sid: str, name: str, status: str) -> None:
+    def _purge_if_due(self, sid: str, cutoff: int | None) -> bool:
+        """Purge `sid` as the store has it now (the catalog listed it a moment ago): its final
+        status for the tombstone, and still older than `cutoff` (an archive by another engine
+        meanwhile made it recent). True when this call purged it."""
         self._writer.forget(sid)
-        self._store.purge(sid, name, status, now_us(),
-                          lambda conn: self._catalog.tables.delete(conn, sid))
+        try:
+            session = self._writer.loaded(sid)[0]
+        except SessionNotFound:
+            return False  # purged by another engine meanwhile
+        if session.status not in ENDED and session.status is not SessionStatus.ARCHIVED:
+            return False
+        if cutoff is not None and session.updated_us >= cutoff:
+            return False
+        self._writer.forget(sid)
+        return self._purge(sid, session.name, session.status.value)
+
+    def _purge(self, sid: str, name: str, status: str) -> bool:
+        self._writer.forget(sid)
+        purged = self._store.purge(sid, name, status, now_us(),
+                                   lambda conn: self._catalog.tables.delete(conn, sid))
         if self._metrics_hook is not None:
             self._metrics_hook.forget(sid)
+        return purged
 
     # -- tamper evidence ------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ class RetentionPolicy:
     keep_last: keep the newest N ended sessions whatever their age (any int >= 0).
     At least one of the two must be given; with both, a session must be older than max_age and
     not among the newest keep_last.
-    archive=True (the default action): append SessionArchived to each.
+    archive: the default action, whatever its value: append SessionArchived to each
+        (archive=True says so explicitly and refuses purge=True beside it).
     purge=True: delete each session's events, snapshots and idempotency keys for good, leaving a
         tombstone (id, name, final status, time of purge); archived sessions are purged too.
     dry_run=True: list what would be done and touch nothing.

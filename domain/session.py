@@ -164,6 +164,12 @@ class Session:
         self._require("save", SessionStatus.ACTIVE, SessionStatus.SUSPENDED)
         return [(ev.SESSION_SAVED, {})]
 
+    def decide_save_active(self) -> list[PendingEvent]:
+        """SessionSaved, of an ACTIVE session only (save_all_active(): a session another engine
+        suspended since it was listed is left out)."""
+        self._require("save", SessionStatus.ACTIVE)
+        return [(ev.SESSION_SAVED, {})]
+
     def restore_target(self, checkpoint: str | None, version: int | None) -> int:
         """The version restore() goes back to: a checkpoint, a version, or the last save."""
         self._require("restore", SessionStatus.ACTIVE)

@@ -458,13 +458,14 @@ class EventStore:
     def purge(
         self, session_id: str, name: str, final_status: str, micros: int,
         also: Callable[[Connection], None] | None = None,
-    ) -> None:
+    ) -> bool:
         """Delete a session's events, snapshots and idempotency keys (but the key of its create)
         for good and leave a tombstone, in one transaction (`also` runs in it: read models drop
         their rows).
 
         SQLite: with secure_delete on, whatever SQLite build this is, so the freed space is
         zeroed; the WAL keeps the old pages until a checkpoint (see checkpoint()).
+        Returns True when this call purged it, False when a tombstone was there already.
         """
         self._refuse_waiting_for_itself("purge")
         with (self.storage_errors("purge a session in"), self.connection() as conn,
@@ -488,13 +489,15 @@ class EventStore:
             # returns the purged id, as the first create did, instead of a second session
             conn.execute(sa.text("DELETE FROM sl_idempotency WHERE session_id = :sid "
                                  "AND scope <> 'create'"), {"sid": session_id})
-            conn.execute(sa.text(
+            tombstoned = conn.execute(sa.text(
                 "INSERT INTO sl_tombstones (session_id, name, final_status, version, purged_ts) "
                 "VALUES (:sid, :name, :status, 0, :ts) ON CONFLICT (session_id) DO NOTHING"),
                 {"sid": session_id, "name": name, "status": final_status, "ts": micros})
             if also is not None:
                 also(conn)
             conn.commit()
+            # False: another engine purged it first (its tombstone stands)
+            return bool(tombstoned.rowcount)
 
     def hold_off_purges(self, conn: Connection) -> None:
         """Keep purges out until the transaction of `conn` ends (PostgreSQL; SQLite's write

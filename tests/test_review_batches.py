@@ -1,0 +1,118 @@
+"""Found by review round 4 (retention, batches): sessions another engine changes between the
+catalog's selection and the batch or purge, each a test that failed before its fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import EngineFactory
+
+from sessionledger import InvalidArgument, RetentionPolicy, SessionEngine, SessionStatus
+
+
+def after_selection(monkeypatch: pytest.MonkeyPatch, engine: SessionEngine, obj: Any,
+                    method: str, meanwhile: Callable[[], object]) -> None:
+    """The first call of `obj.<method>` (the catalog selecting sessions) is followed by
+    `meanwhile` (another engine acting on them)."""
+    real = getattr(obj, method)
+
+    def select_then_act(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(obj, method, real)
+        selected = real(*args, **kwargs)
+        meanwhile()
+        return selected
+
+    monkeypatch.setattr(obj, method, select_then_act)
+
+
+def test_save_all_active_leaves_out_a_session_suspended_meanwhile(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    saver, other = engine_factory(), engine_factory()
+    paused, kept = saver.create("paused"), saver.create("kept")
+    after_selection(monkeypatch, saver, saver, "_catalog_ids", lambda: other.suspend(paused))
+    saved = saver.save_all_active()
+    assert set(saved) == {kept}
+    assert [e.type for e in saver.history(paused)][-1] == "SessionSuspended"
+
+
+def test_restore_recent_returns_only_the_sessions_it_recovered(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    restorer, other = engine_factory(), engine_factory()
+    ended, purged, kept = (restorer.create(n) for n in ("ended", "purged", "kept"))
+
+    def end_and_purge() -> None:
+        other.end(ended)
+        other.end(purged)
+        other._purge(purged, "purged", "COMPLETED")
+
+    after_selection(monkeypatch, restorer, restorer._catalog, "find", end_and_purge)
+    recovered = restorer.restore_recent(10)  # raised SessionPurged, after committing
+    assert [s.id for s in recovered] == [kept]
+    assert recovered[0].status is SessionStatus.ACTIVE
+    assert "SessionRestored" not in [e.type for e in restorer.history(ended)]
+
+
+def test_restore_recent_refuses_a_count_it_cannot_bring_back(
+    engine_factory: EngineFactory,
+) -> None:
+    with pytest.raises(InvalidArgument, match="10,000"):
+        engine_factory().restore_recent(10_001)
+
+
+def test_cleanup_reports_only_what_it_archived(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cleaner, other = engine_factory(), engine_factory()
+    first, second = cleaner.create("first"), cleaner.create("second")
+    cleaner.end(first)
+    cleaner.end(second)
+    after_selection(monkeypatch, cleaner, cleaner._catalog.tables, "find",
+                    lambda: other.archive(first))
+    report = cleaner.cleanup(RetentionPolicy(max_age=0))
+    assert report.archived == [second]
+    archives = [e.actor for e in cleaner.history(first) if e.type == "SessionArchived"]
+    assert len(archives) == 1
+
+
+def test_cleanup_reports_only_what_it_purged(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cleaner, other = engine_factory(), engine_factory()
+    first, second = cleaner.create("first"), cleaner.create("second")
+    cleaner.end(first)
+    cleaner.end(second)
+    after_selection(monkeypatch, cleaner, cleaner._catalog.tables, "find",
+                    lambda: other._purge(first, "first", "COMPLETED"))
+    report = cleaner.cleanup(RetentionPolicy(max_age=0, purge=True))
+    assert report.purged == [second]
+
+
+def test_a_purge_records_the_status_the_session_has_when_purged(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Selected as COMPLETED, archived by another engine before the purge: the tombstone
+    said COMPLETED. (With max_age the archive makes it recent, and it is not purged.)"""
+    cleaner, other = engine_factory(), engine_factory()
+    sid = cleaner.create("s")
+    cleaner.end(sid)
+    after_selection(monkeypatch, cleaner, cleaner._catalog.tables, "find",
+                    lambda: other.archive(sid))
+    assert cleaner.cleanup(RetentionPolicy(keep_last=0, purge=True)).purged == [sid]
+    tombstone = cleaner._store.tombstone(sid)
+    assert tombstone is not None and tombstone[1] == "ARCHIVED"
+
+
+def test_a_purge_by_age_leaves_a_session_archived_meanwhile(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cleaner, other = engine_factory(), engine_factory()
+    sid = cleaner.create("s")
+    cleaner.end(sid)
+    after_selection(monkeypatch, cleaner, cleaner._catalog.tables, "find",
+                    lambda: other.archive(sid))
+    assert cleaner.cleanup(RetentionPolicy(max_age=0, purge=True)).purged == []
+    assert cleaner.get(sid).status is SessionStatus.ARCHIVED
