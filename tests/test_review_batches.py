@@ -63,32 +63,24 @@ def test_restore_recent_refuses_a_count_it_cannot_bring_back(
         engine_factory().restore_recent(10_001)
 
 
-def test_cleanup_reports_only_what_it_archived(
-    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("action", ["archive", "purge"])
+def test_cleanup_reports_only_what_it_did(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch, action: str,
 ) -> None:
+    """Another engine archives (or purges) one of the selected sessions first."""
     cleaner, other = engine_factory(), engine_factory()
     first, second = cleaner.create("first"), cleaner.create("second")
     cleaner.end(first)
     cleaner.end(second)
-    after_selection(monkeypatch, cleaner, cleaner._catalog.tables, "find",
-                    lambda: other.archive(first))
-    report = cleaner.cleanup(RetentionPolicy(max_age=0))
-    assert report.archived == [second]
-    archives = [e.actor for e in cleaner.history(first) if e.type == "SessionArchived"]
-    assert len(archives) == 1
-
-
-def test_cleanup_reports_only_what_it_purged(
-    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    cleaner, other = engine_factory(), engine_factory()
-    first, second = cleaner.create("first"), cleaner.create("second")
-    cleaner.end(first)
-    cleaner.end(second)
-    after_selection(monkeypatch, cleaner, cleaner._catalog.tables, "find",
-                    lambda: other._purge(first, "first", "COMPLETED"))
-    report = cleaner.cleanup(RetentionPolicy(max_age=0, purge=True))
-    assert report.purged == [second]
+    meanwhile = ((lambda: other.archive(first)) if action == "archive"
+                 else (lambda: other._purge(first, "first", "COMPLETED")))
+    after_selection(monkeypatch, cleaner, cleaner._catalog.tables, "find", meanwhile)
+    report = cleaner.cleanup(RetentionPolicy(max_age=0, purge=action == "purge"))
+    assert report.session_ids == [second]
+    assert (report.archived if action == "archive" else report.purged) == [second]
+    if action == "archive":
+        archives = [e for e in cleaner.history(first) if e.type == "SessionArchived"]
+        assert len(archives) == 1
 
 
 def test_a_purge_records_the_status_the_session_has_when_purged(
