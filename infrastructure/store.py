@@ -354,7 +354,7 @@ class EventStore:
         before n) and a NOTIFY wakes waiting subscribers.
         """
         sql = self._sql
-        self._refuse_waiting_for_itself("write")
+        self.refuse_waiting_for_itself("write")
         with self._lock:
             db = self._db
             self.check_open()
@@ -467,7 +467,7 @@ class EventStore:
         zeroed; the WAL keeps the old pages until a checkpoint (see checkpoint()).
         Returns True when this call purged it, False when a tombstone was there already.
         """
-        self._refuse_waiting_for_itself("purge")
+        self.refuse_waiting_for_itself("purge")
         with (self.storage_errors("purge a session in"), self.connection() as conn,
               secure_delete(conn, "ON")):
             if self.dialect == "sqlite":
@@ -569,10 +569,7 @@ class EventStore:
     def refuse_waiting_for_itself(self, doing: str) -> None:
         """StorageError now when this thread holds SQLite's write lock on another connection
         (see holding_write_lock): `doing` would wait 30 s for that lock, then fail."""
-        self._refuse_waiting_for_itself(doing)
-
-    def _refuse_waiting_for_itself(self, doing: str) -> None:
-        if getattr(self._write_lock_held, "depth", 0):
+        if self.holds_write_lock_here():
             raise StorageError(
                 f"cannot {doing} here: this thread holds the SQLite database's write lock in a "
                 "transactional subscriber's transaction, and would wait for itself. Write "
