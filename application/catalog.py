@@ -333,8 +333,7 @@ class Catalog:
     def _window_reader(self) -> contextlib.AbstractContextManager[TotalsPrefetcher | None]:
         """A reader of the next window's totals, or None on an in-memory SQLite database (one
         connection for every thread: nothing can read beside the fold)."""
-        store = self.subscriptions.store
-        if store.dialect == "sqlite" and store.url.database in (None, "", ":memory:"):
+        if self.subscriptions.store.single_connection:
             return contextlib.nullcontext()
         return TotalsPrefetcher(self.tables)
 

@@ -762,8 +762,7 @@ class SessionEngine:
             return False
         if cutoff is not None and session.updated_us >= cutoff:
             return False
-        self._writer.forget(sid)
-        return self._purge(sid, session.name, session.status.value)
+        return self._purge(sid, session.name, session.status.value)  # (forgets it again)
 
     def _purge(self, sid: str, name: str, status: str) -> bool:
         self._writer.forget(sid)
@@ -790,8 +789,7 @@ class SessionEngine:
         sid = None if session_id is None else parse_session_id(session_id)
         if workers is not None and (type(workers) is not int or workers < 1):
             raise InvalidArgument(f"workers must be an int >= 1, got {workers!r}")
-        shared = not (self.dialect == "sqlite" and self._store.url.database in (None, "",
-                                                                                 ":memory:"))
+        shared = not self._store.single_connection
         if workers is None:
             big = shared and self._subscriptions.head() > _PARALLEL_VERIFY_FROM
             workers = min(os.cpu_count() or 1, 4) if big else 1

@@ -111,7 +111,7 @@ class CatalogStore:
     def read_totals(self, after: int, upto: int) -> Totals:
         """The per-session totals of window() for (after, upto], on a connection of its own,
         aggregated into one JSON document by the database: the whole query is one step of the
-        driver, which runs without the GIL (a read ahead in a thread, WindowPrefetcher), and
+        driver, which runs without the GIL (a read ahead in a thread, TotalsPrefetcher), and
         json.loads builds the rows in a tenth of the time the driver takes row by row.
 
         Read outside the transaction that folds the window: the sessions purged since are in

@@ -205,12 +205,11 @@ class EventStore:
         url = self.url
         try:
             if self.dialect == "sqlite":
-                memory = url.database in (None, "", ":memory:")
                 engine = sa.create_engine(
                     url,
                     # a file database keeps a few connections for subscribers and scans (a new
                     # sqlite3 connection with its PRAGMAs costs about a millisecond)
-                    poolclass=StaticPool if memory else QueuePool,
+                    poolclass=StaticPool if self.single_connection else QueuePool,
                     connect_args={"check_same_thread": False, "timeout": 30.0},
                 )
                 sync = DURABILITY_PRAGMAS[durability]

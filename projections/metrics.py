@@ -169,12 +169,9 @@ class MetricsHook:
             self._observe_duration(max(0.0, (event.timestamp - started).total_seconds()))
 
     def _on_archived(self, event: SessionEvent) -> None:
-        # ARCHIVED is final: count it and forget the session (keeps the dict bounded)
-        old = self._status_of.pop(event.session_id, None)
-        if old is not None:
-            self._by_status[old] -= 1
+        # ARCHIVED is final: forget the session (keeps the dict bounded) and count it
+        self.forget(event.session_id)
         self._by_status[_ARCHIVED] += 1
-        self._started_at.pop(event.session_id, None)
 
     def forget(self, session_id: str) -> None:
         """A session purged for good: it leaves the status it was counted in and the hook's
