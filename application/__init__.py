@@ -31,6 +31,7 @@ from sessionledger.domain.errors import (
 from sessionledger.domain.events import EVENT_TYPES, SessionEvent
 from sessionledger.domain.session import Session
 from sessionledger.domain.status import SessionStatus
+from sessionledger.projections.audit import BlameEntry, Change, KeyTouch, StateDiff
 from sessionledger.projections.catalog import SessionSummary
 from sessionledger.projections.hooks import HookFailed, HookSubscription, LoggingHook
 from sessionledger.projections.metrics import MetricsHook
@@ -46,6 +47,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EVENT_TYPES",
+    "BlameEntry",
+    "Change",
     "CheckpointNotFound",
     "CleanupReport",
     "ConcurrencyConflict",
@@ -56,6 +59,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidSessionId",
     "InvalidTransition",
+    "KeyTouch",
     "LoggingHook",
     "MetricsHook",
     "Page",
@@ -73,6 +77,7 @@ __all__ = [
     "SessionSummary",
     "SnapshotCorrupted",
     "SnapshotVersionError",
+    "StateDiff",
     "StorageError",
     "SubscriberFailed",
     "SubscriberStatus",

@@ -164,7 +164,8 @@ class AuditQueries:
     # -- one session -----------------------------------------------------------------------
 
     def state_at(
-        self, session_id: str | UUID, version: int | None = None, at: datetime | str | None = None
+        self, session_id: str | UUID, version: int | None = None,
+        at: datetime | date | str | None = None,
     ) -> Session:
         """The session as it was at `version`, or at the moment `at` (its last version whose
         timestamp is at or before `at`; a naive datetime means UTC; an ISO string works too).

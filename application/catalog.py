@@ -366,6 +366,8 @@ class Catalog:
         first = subs.position(REBUILD_TRACKING)
         head = subs.head()
         done = first
+        if progress is not None:  # where it starts: a bar counts from here
+            progress(first, max(head, first), 0.0)
         with self._window_reader() as reader:
             while True:
                 handled = self._fold_next_window(reader)

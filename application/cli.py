@@ -12,11 +12,12 @@ import inspect
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
 from sessionledger.domain.values import utf8_encodable
@@ -59,7 +60,25 @@ def cmd_ls(engine: SessionEngine, args: argparse.Namespace) -> None:
          for s in page],
     ))
     if page.next_cursor:
-        print(f"more: sessionledger ls --cursor {page.next_cursor}")
+        print(f"more: {_next_page_command(args, page.next_cursor)}")
+
+
+def _next_page_command(args: argparse.Namespace, cursor: str) -> str:
+    """The `ls` command line of the next page: this one's database and filters, that cursor
+    (run as printed, it lists what this listing would go on to)."""
+    words = ["sessionledger", "ls"]
+    if args.url is not None:  # else $SESSIONLEDGER_URL or ./sessionledger.db, as for this one
+        words += ["--url", args.url]
+    for status in args.status or ():
+        words += ["--status", status]
+    for tag in args.tag or ():
+        words += ["--tag", tag]
+    if args.name is not None:
+        words += ["--name", args.name]
+    if args.parent is not None:
+        words += ["--parent", args.parent]
+    words += ["--limit", str(args.limit), "--cursor", cursor]
+    return shlex.join(words)
 
 
 def _summary_dict(summary: SessionSummary) -> dict[str, Any]:
@@ -251,11 +270,22 @@ def cmd_demo(engine: SessionEngine, args: argparse.Namespace) -> None:
     }), indent=2))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 1, like any other bad input
+    (argparse's own exit 2 is what `verify` means by "problems found")."""
+
+    def error(self, message: str) -> NoReturn:
+        raise OptionError(f"{message} (see: {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sessionledger", description="An event-sourced session engine."
+    # --url and --json before the verb or after it (the later wins): the defaults live on the
+    # top parser only, since argparse would copy a verb's defaults over what came before it
+    parser = _Parser(
+        prog="sessionledger", description="An event-sourced session engine.",
+        parents=[_common_options(url=None, as_json=False)],
     )
-    common = _common_options(url=None, as_json=False)
+    common = _common_options(url=argparse.SUPPRESS, as_json=argparse.SUPPRESS)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     demo = verbs.add_parser("demo", parents=[common],
@@ -314,10 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    help="list durable subscribers with position and lag")
     subscribers.set_defaults(run=cmd_subscribers)
     subscriber_verbs = subscribers.add_subparsers(dest="subscribers_verb", metavar="VERB")
-    # no defaults here: argparse would copy them over --url/--json given before `run`
-    nested = _common_options(url=argparse.SUPPRESS, as_json=argparse.SUPPRESS)
     run = subscriber_verbs.add_parser(
-        "run", parents=[nested], help="run the durable subscribers in this process")
+        "run", parents=[common], help="run the durable subscribers in this process")
     run.add_argument("--setup", action="append", metavar="MODULE:FUNCTION",
                      help="a function(engine) that registers subscribers (repeatable)")
     run.add_argument("--until-idle", action="store_true",
@@ -326,9 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common_options(url: str | None, as_json: bool | str) -> argparse.ArgumentParser:
-    """A parent parser with --url and --json, with these defaults."""
-    parser = argparse.ArgumentParser(add_help=False)
+def _common_options(url: str | None, as_json: bool | str) -> _Parser:
+    """A parent parser with --url and --json, with these defaults (argparse.SUPPRESS: none)."""
+    parser = _Parser(add_help=False)
     parser.add_argument(
         "--url", default=url,
         help="database URL (sqlite:///FILE, postgresql+psycopg://...); "

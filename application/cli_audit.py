@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
@@ -284,13 +284,16 @@ def cmd_blame(engine: SessionEngine, args: argparse.Namespace) -> None:
     ))
 
 
-#: timeline columns: streamed rows cannot be measured first, so the widths are fixed
-_TIMELINE_COLUMNS = (("POSITION", 9), ("TIME", 29), ("SESSION", 36), ("NAME", 20),
-                     ("VERSION", 7), ("TYPE", 16), ("ACTOR", 12))
+#: timeline columns (name, width, whether a longer value is cut): streamed rows cannot be
+#: measured first, so the widths are fixed. Values meant to be copied into other commands
+#: (position, time, session id, version) are never cut: a longer one pushes its row along.
+_TIMELINE_COLUMNS = (("POSITION", 9, False), ("TIME", 32, False), ("SESSION", 36, False),
+                     ("NAME", 20, True), ("VERSION", 7, False), ("TYPE", 16, True),
+                     ("ACTOR", 12, True))
 
 
-def _cell(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "~"
+def _cell(text: str, width: int, cut: bool) -> str:
+    return text if not cut or len(text) <= width else text[: width - 1] + "~"
 
 
 def cmd_timeline(engine: SessionEngine, args: argparse.Namespace) -> None:
@@ -311,13 +314,15 @@ def cmd_timeline(engine: SessionEngine, args: argparse.Namespace) -> None:
                 separator = ",\n"
             print("\n]" if separator else "]")
             return
-        widths = [w for _, w in _TIMELINE_COLUMNS]
-        header = [name for name, _ in _TIMELINE_COLUMNS] + ["DATA"]
+        widths = [w for _, w, _ in _TIMELINE_COLUMNS]
+        cuts = [cut for _, _, cut in _TIMELINE_COLUMNS]
+        header = [name for name, _, _ in _TIMELINE_COLUMNS] + ["DATA"]
         print("  ".join(h.ljust(w) for h, w in zip(header, [*widths, 0], strict=True)).rstrip())
         for e in shown:
             cells = [str(e.position), _time(e.timestamp), e.session_id, e.session_name or "-",
                      str(e.version), e.type, e.actor or "-"]
-            print("  ".join(_cell(c, w).ljust(w) for c, w in zip(cells, widths, strict=True))
+            print("  ".join(_cell(c, w, cut).ljust(w)
+                            for c, w, cut in zip(cells, widths, cuts, strict=True))
                   + "  " + compact(e.data))
     finally:
         close = getattr(events, "close", None)
@@ -326,6 +331,10 @@ def cmd_timeline(engine: SessionEngine, args: argparse.Namespace) -> None:
 
 
 # -- parser --------------------------------------------------------------------------------
+
+
+#: the command's parser class (cli's own ArgumentParser subclass)
+Parser = TypeVar("Parser", bound=argparse.ArgumentParser)
 
 
 def add_show_options(parser: argparse.ArgumentParser) -> None:
@@ -350,8 +359,7 @@ def _add_window(parser: argparse.ArgumentParser) -> None:
                         help="only events before TIME")
 
 
-def add_audit_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser],
-                    common: argparse.ArgumentParser) -> None:
+def add_audit_verbs(verbs: argparse._SubParsersAction[Parser], common: Parser) -> None:
     """Add `diff`, `timeline` and `blame` to the `sessionledger` command's verbs; `common` is
     the parent parser carrying --url and --json."""
     diff = verbs.add_parser("diff", parents=[common],

@@ -15,7 +15,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Literal, overload
 from uuid import UUID
 
@@ -454,8 +454,8 @@ class SessionEngine:
     def history(
         self,
         session_id: str | UUID,
-        since: datetime | str | None = None,
-        until: datetime | str | None = None,
+        since: datetime | date | str | None = None,
+        until: datetime | date | str | None = None,
         types: list[str] | str | None = None,
         actor: str | None = None,
     ) -> list[SessionEvent]:
@@ -466,7 +466,8 @@ class SessionEngine:
             return self.audit.history(session_id, since, until, types, actor)
 
     def state_at(
-        self, session_id: str | UUID, version: int | None = None, at: datetime | str | None = None
+        self, session_id: str | UUID, version: int | None = None,
+        at: datetime | date | str | None = None,
     ) -> Session:
         """The session as it was at `version`, or at time `at` (its last version then): the
         nearest snapshot at or below plus the events after it, exactly what replaying events
@@ -496,8 +497,8 @@ class SessionEngine:
 
     def timeline(
         self,
-        since: datetime | str | None = None,
-        until: datetime | str | None = None,
+        since: datetime | date | str | None = None,
+        until: datetime | date | str | None = None,
         types: list[str] | str | None = None,
     ) -> Iterator[SessionEvent]:
         """Events of every session in global commit order, streamed (constant memory); each
@@ -573,6 +574,9 @@ class SessionEngine:
     @overload
     def run_subscribers(self, until_idle: Literal[False] = ..., *,
                         batch_size: int = ...) -> SubscriberThread: ...
+    @overload
+    def run_subscribers(self, until_idle: bool = ..., *,
+                        batch_size: int = ...) -> dict[str, int] | SubscriberThread: ...
 
     def run_subscribers(
         self, until_idle: bool = False, *, batch_size: int = DEFAULT_BATCH
@@ -625,8 +629,8 @@ class SessionEngine:
         tags: list[str] | None = None,
         name: str | None = None,
         parent: str | UUID | None = None,
-        updated_after: datetime | str | None = None,
-        updated_before: datetime | str | None = None,
+        updated_after: datetime | date | str | None = None,
+        updated_before: datetime | date | str | None = None,
         limit: int = 100,
         cursor: str | None = None,
     ) -> Page:
@@ -775,17 +779,23 @@ class SessionEngine:
     # -- tamper evidence ------------------------------------------------------------------------
 
     def verify(
-        self, session_id: str | UUID | None = None, *, workers: int | None = None
+        self, session_id: str | UUID | None = None, *, workers: int | None = None,
+        sid: str | UUID | None = None,
     ) -> VerifyReport:
         """Check the hash chain, the events and the snapshots of every session (or one).
 
         Returns a VerifyReport: ``report.ok``, and ``report.problems`` naming session, version
         and what is wrong (the first broken link of each session). SessionNotFound (or
-        SessionPurged) when `session_id` names no session. `workers` > 1 checks the
-        sessions in that many processes (this one included), which take pieces of the log (by
-        session id) as they get free; by default a log of more than 200,000 events on a file or
-        server database uses up to 4 (the CPUs there are).
+        SessionPurged) when `session_id` names no session; `sid=` is another name for
+        `session_id` (the audit issue's), and passing both is an InvalidArgument. `workers` > 1
+        checks the sessions in that many processes (this one included), which take pieces of
+        the log (by session id) as they get free; by default a log of more than 200,000 events
+        on a file or server database uses up to 4 (the CPUs there are).
         """
+        if sid is not None:
+            if session_id is not None:
+                raise InvalidArgument("pass the session as session_id or as sid, not both")
+            session_id = sid
         sid = None if session_id is None else parse_session_id(session_id)
         if workers is not None and (type(workers) is not int or workers < 1):
             raise InvalidArgument(f"workers must be an int >= 1, got {workers!r}")
@@ -843,6 +853,8 @@ class SessionEngine:
     def metrics(self, format: Literal["dict"] = ...) -> dict[str, Any]: ...
     @overload
     def metrics(self, format: Literal["prometheus"]) -> str: ...
+    @overload
+    def metrics(self, format: str = ...) -> dict[str, Any] | str: ...
 
     def metrics(self, format: str = "dict") -> dict[str, Any] | str:
         """The engine's figures: a plain dict, or Prometheus text exposition

@@ -61,6 +61,11 @@ class Problem:
     version: int | None
     what: str
 
+    @property
+    def session(self) -> str:
+        """The session's id (another name for `session_id`)."""
+        return self.session_id
+
     def __str__(self) -> str:
         where = self.session_id + (f" version {self.version}" if self.version else "")
         return f"{where}: {self.what}"

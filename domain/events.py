@@ -57,13 +57,19 @@ Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 
+# Schema 1 was written in two shapes: the first commits of this repository wrote today's shape
+# (a "parent" key; {"set", "delete"}) before schema numbers were bumped, and the legacy shape of
+# tests/fixtures/legacy-format0.db has no parent and {"changes", "removed"}. Both are read.
+
 def _started_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
-    # schema 1 (the first release) had no parent sessions
-    return {**data, "parent": None}
+    # the legacy shape had no parent sessions: a stored parent is kept
+    return {"parent": None, **data}
 
 
 def _state_changed_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
-    # schema 1 stored {"changes": {...}, "removed": [...]} ("removed" absent when empty)
+    if "changes" not in data and "set" in data:  # already today's shape
+        return {"set": data["set"], "delete": list(data.get("delete", ()))}
+    # the legacy shape: {"changes": {...}, "removed": [...]} ("removed" absent when empty)
     return {"set": data["changes"], "delete": list(data.get("removed", ()))}
 
 

@@ -555,8 +555,11 @@ class EventStore:
         the store's lock held meanwhile: a second thread's transaction interleaved with the
         commands on it ("cannot start a transaction within a transaction", lost commits, a
         crash)."""
-        with self._one_user(), self.engine.connect() as conn:
-            yield conn
+        with self._one_user():
+            # a closed in-memory engine would otherwise connect to a new, empty database
+            self.check_open()
+            with self.engine.connect() as conn:
+                yield conn
 
     def _one_user(self) -> contextlib.AbstractContextManager[Any]:
         return self._lock if self.single_connection else contextlib.nullcontext()

@@ -46,6 +46,11 @@ class KeyTouch:
     actor: str | None
     type: str
 
+    @property
+    def time(self) -> datetime:
+        """The event's timestamp (another name for `timestamp`)."""
+        return self.timestamp
+
 
 @dataclass(frozen=True, slots=True)
 class Change:
@@ -111,6 +116,11 @@ class BlameEntry:
     type: str
     value: Any
     deleted: bool
+
+    @property
+    def time(self) -> datetime:
+        """The event's timestamp (another name for `timestamp`)."""
+        return self.timestamp
 
 
 #: the marker of an absent key while comparing (None is a value a key can hold)

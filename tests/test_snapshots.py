@@ -261,6 +261,31 @@ def test_legacy_session_state_equals_its_events(legacy_url: str, tmp_path: Path)
         assert engine.get(LEGACY_AGENT) == from_snapshot
 
 
+#: written by commit 4193030 (the repository's sixth), which stored schema-1 events in today's
+#: shape before schema numbers were bumped (no snapshots yet): a parent, a state change with a
+#: delete, a restore, a failed child, an archived parent
+FIRST_COMMITS = Path(__file__).parent / "fixtures" / "legacy-first-commits.db"
+FIRST_PARENT = "acff3539-461c-4908-969c-296d664be33b"
+FIRST_CHILD = "84fca74c-53b5-4dff-9f2f-9aad65fff50a"
+
+
+def test_database_of_the_first_commits_loads(tmp_path: Path) -> None:
+    target = tmp_path / "first.db"
+    shutil.copy(FIRST_COMMITS, target)
+    with SessionEngine(f"sqlite:///{target}") as engine:
+        parent, child = engine.get(FIRST_PARENT), engine.get(FIRST_CHILD)
+        # what that commit's own engine read back
+        assert (parent.version, parent.status, parent.state) == (
+            9, SessionStatus.ARCHIVED, {"step": 1, "notes": ["a"]})
+        assert (child.version, child.status, child.parent) == (
+            5, SessionStatus.FAILED, FIRST_PARENT)
+        assert engine.history(FIRST_PARENT)[1].data == {
+            "set": {"step": 1, "notes": ["a"]}, "delete": ["gone"]}
+        assert [s.id for s in engine.find(parent=FIRST_PARENT)] == [FIRST_CHILD]
+        assert engine.verify().ok
+        assert engine.update(engine.create("new", parent=FIRST_PARENT), {"a": 1}) == 2
+
+
 def test_legacy_session_takes_new_commands(legacy_url: str) -> None:
     with SessionEngine(legacy_url) as engine:
         assert engine.restore(LEGACY_AGENT, checkpoint="before-merge") == 7

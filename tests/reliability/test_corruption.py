@@ -493,7 +493,8 @@ FORGERIES: dict[str, tuple[EventDamage, int]] = {
         COMPRESSED_VERSION),
     "schema-newer-than-release": (_repayload(4, lambda p: p[:1] + bytes((99,)) + p[2:]), 4),
     "schema-zero-no-upcaster": (_repayload(4, lambda p: p[:1] + bytes((0,)) + p[2:]), 4),
-    "schema-1-with-schema-2-shape": (_repayload(4, lambda p: p[:1] + bytes((1,)) + p[2:]), 4),
+    # schema 1 was written in two shapes (see domain/events.py); a body of neither is damage
+    "schema-1-of-neither-shape": (_repayload(4, _body({"other": 1}, schema=1)), 4),
     "body-not-msgpack": (_repayload(5, lambda p: p[:2] + b"\xc1\xc1\xc1"), 5),
     "body-empty": (_repayload(5, lambda p: p[:2]), 5),
     "payload-one-byte": (_repayload(5, lambda p: p[:1]), 5),
