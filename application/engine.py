@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 from sessionledger.domain.errors import (
     InvalidArgument,
     SessionNotFound,
+    SessionPurged,
 )
 from sessionledger.domain.events import (
     SessionEvent,
@@ -507,11 +508,18 @@ class SessionEngine:
         return self.audit.timeline(since, until, types)
 
     def list_sessions(self, limit: int = 100) -> list[Session]:
-        """The most recently created sessions, newest first, at their latest version."""
+        """The most recently created sessions, newest first, at their latest version (a
+        session purged by another engine while this reads them is left out)."""
         if type(limit) is not int or limit < 0:
             raise InvalidArgument(f"limit must be an int >= 0, got {limit!r}")
+        sessions = []
         # (a LIMIT the databases take: no store holds 2**62 sessions)
-        return [self.get(sid) for sid in self._store.newest_session_ids(min(limit, 2**62))]
+        for sid in self._store.newest_session_ids(min(limit, 2**62)):
+            try:
+                sessions.append(self.get(sid))
+            except SessionPurged:
+                continue
+        return sessions
 
     # -- snapshots ---------------------------------------------------------------------------
 
@@ -757,21 +765,28 @@ class SessionEngine:
         """Purge `sid` as the store has it now (the catalog listed it a moment ago): its final
         status for the tombstone, and still older than `cutoff` (an archive by another engine
         meanwhile made it recent). True when this call purged it."""
-        self._writer.forget(sid)
-        try:
-            session = self._writer.loaded(sid)[0]
-        except SessionNotFound:
-            return False  # purged by another engine meanwhile
-        if session.status not in ENDED and session.status is not SessionStatus.ARCHIVED:
-            return False
-        if cutoff is not None and session.updated_us >= cutoff:
-            return False
-        return self._purge(sid, session.name, session.status.value)  # (forgets it again)
+        for _ in range(1 + self.config.retries):
+            self._writer.forget(sid)
+            try:
+                session = self._writer.loaded(sid)[0]
+            except SessionNotFound:
+                return False  # purged by another engine meanwhile
+            if session.status not in ENDED and session.status is not SessionStatus.ARCHIVED:
+                return False
+            if cutoff is not None and session.updated_us >= cutoff:
+                return False
+            # at the version read: a session archived since then is not purged over (its
+            # tombstone would say ENDED, its archive be gone); it is read and judged again
+            if self._purge(sid, session.name, session.status.value, session.version):
+                return True
+            if self._store.tombstone(sid) is not None:
+                return False  # another engine purged it first
+        return False
 
-    def _purge(self, sid: str, name: str, status: str) -> bool:
+    def _purge(self, sid: str, name: str, status: str, version: int | None = None) -> bool:
         self._writer.forget(sid)
         purged = self._store.purge(sid, name, status, now_us(),
-                                   lambda conn: self._catalog.tables.delete(conn, sid))
+                                   lambda conn: self._catalog.tables.delete(conn, sid), version)
         if self._metrics_hook is not None:
             self._metrics_hook.forget(sid)
         return purged

@@ -93,6 +93,10 @@ class SessionRepository:
                 return None
             # the events from the snapshot's own version on: that first one proves the snapshot
             # sits on this chain (its digest is the snapshot's head)
+            if not stored and self.store.tombstone(sid) is not None:
+                # purged between the two reads (SQLite reads the snapshot and the events
+                # apart): the session is gone, the snapshot was sound
+                raise SessionNotFound(sid)
             if not stored or stored[0][0] != version:
                 raise SnapshotCorrupted(sid, version, "no event at the snapshot's version")
             if head is not None and stored[0][6] != head:

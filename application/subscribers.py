@@ -194,16 +194,21 @@ class SubscriberRunner:
             return max(handled, 1)
 
     def catch_up(self, consumer: Consumer) -> int:
-        """Deliver everything pending to `consumer`; return how many events it handled."""
+        """Deliver to `consumer` everything committed before this call; return how many events
+        it handled. Events committed meanwhile may be delivered too, but are not waited for:
+        with another process appending without pause, "up to the head" is never reached (on
+        PostgreSQL, find() ran for as long as the writers did)."""
+        target = self.subscriptions.head()
         total = 0
         while True:
-            handled = self.step(consumer)
-            if not handled and not self._behind(consumer):
+            total += self.step(consumer)
+            if not self._behind(consumer, target):
                 return total
-            total += handled
 
-    def _behind(self, consumer: Consumer) -> bool:
-        return self.subscriptions.position(consumer.name) < self.subscriptions.head()
+    def _behind(self, consumer: Consumer, target: int) -> bool:
+        # below the head too: a purge can delete the events up to `target`
+        head = min(target, self.subscriptions.head())
+        return self.subscriptions.position(consumer.name) < head
 
 
 class SubscriberThread:

@@ -163,6 +163,10 @@ class SessionWriter:
                     return used[0]
             if parent_id is not None:
                 self.loaded(parent_id)  # SessionNotFound for an unknown parent
+                if self._store.tombstone(parent_id) is not None:
+                    # purged by another engine since this one read it into its working set
+                    self._working_set.pop(parent_id, None)
+                    raise self.not_found(parent_id)
             session = Session(new_session_id())
             now = now_us()
             rows = self._encode(session, GENESIS_DIGEST, [pending], actor, correlation_id, now)
@@ -225,9 +229,9 @@ class SessionWriter:
                 for session, _, _ in decided:
                     self._working_set.pop(session.id, None)
                 if attempt >= self.config.retries:
-                    raise ConcurrencyConflict(
-                        decided[0][0].id if decided else "-", 0,
-                        "another writer changed sessions of the batch first",
+                    # (the versions the batch read: the sessions have applied its events)
+                    raise self._batch_conflict(
+                        [(session.id, rows[0][1] - 1) for session, _, rows in decided if rows]
                     ) from None
                 attempt += 1
                 continue
@@ -285,6 +289,11 @@ class SessionWriter:
                             and self._store.latest_version(sid) != session.version):
                         # "nothing to change" was decided on a stale copy: decide again
                         raise ConcurrencyConflict(sid, session.version, "stale working set")
+                except SessionNotFound:
+                    # a decision that reads more of the stream (restore's target) found it
+                    # gone: purged by another engine since this copy was read
+                    self._working_set.pop(sid, None)
+                    raise self.not_found(sid) from None
                 except _STALE_DECISION_ERRORS:
                     if cached:
                         self._working_set.pop(sid, None)
@@ -470,6 +479,18 @@ class SessionWriter:
             raise self.not_found(sid) from None
         self._remember(session, head)
         return session, head, False
+
+    def _batch_conflict(self, read: list[tuple[str, int]]) -> ConcurrencyConflict:
+        """The ConcurrencyConflict of a batch that lost its last race: it names a session
+        another writer changed, at the version the batch read ((id, version) pairs; on the
+        failure path only: a query per session)."""
+        changed = [(sid, v) for sid, v in read if self._store.latest_version(sid) != v]
+        others = len(changed) - 1
+        detail = "the batch wrote nothing" + (
+            f" ({others} more session{'s' if others > 1 else ''} of it changed too)"
+            if others > 0 else "")
+        sid, version = (changed or read or [("-", 0)])[0]
+        return ConcurrencyConflict(sid, version, detail)
 
     def not_found(self, sid: str) -> SessionNotFound:
         """SessionNotFound, or SessionPurged when a cleanup left a tombstone for `sid`."""

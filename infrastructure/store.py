@@ -52,6 +52,8 @@ _CACHE_KIB = 32 * 1024
 
 #: the message of the SQLite purge guards' RAISE (what append() recognises)
 _PURGED = "sessionledger: the session was purged"
+#: how long a SQLite statement waits for another connection's lock before "database is locked"
+_BUSY_TIMEOUT_MS = 30_000
 #: SQLite triggers that refuse events and snapshots of a tombstoned session, made in the
 #: transaction of a database's first purge: every append after that purge commits sees them
 #: (SQLite re-prepares statements when the schema changes), and a database that never purges
@@ -210,7 +212,8 @@ class EventStore:
                     # a file database keeps a few connections for subscribers and scans (a new
                     # sqlite3 connection with its PRAGMAs costs about a millisecond)
                     poolclass=StaticPool if self.single_connection else QueuePool,
-                    connect_args={"check_same_thread": False, "timeout": 30.0},
+                    connect_args={"check_same_thread": False,
+                                  "timeout": _BUSY_TIMEOUT_MS / 1000},
                 )
                 sync = DURABILITY_PRAGMAS[durability]
 
@@ -376,6 +379,15 @@ class EventStore:
                 try:
                     if len(rows) == 1:
                         position = self._insert_one(db, rows[0])
+                    elif rows and self.dialect == "postgresql":
+                        # one statement over arrays, not executemany: psycopg pipelines that,
+                        # and a lost race (a unique violation) aborted the pipeline with a
+                        # logged "error ignored terminating Pipeline" warning each time
+                        cursor = db.execute(sql.insert_events_many,
+                                            [list(column) for column in zip(*rows, strict=True)])
+                        if cursor.rowcount != len(rows):
+                            raise SessionGone
+                        position = int(db.execute(sql.last_position).fetchone()[0])
                     elif rows:
                         cursor = db.cursor()
                         cursor.executemany(sql.insert_event_checked, self._checked_rows(rows))
@@ -456,7 +468,7 @@ class EventStore:
 
     def purge(
         self, session_id: str, name: str, final_status: str, micros: int,
-        also: Callable[[Connection], None] | None = None,
+        also: Callable[[Connection], None] | None = None, version: int | None = None,
     ) -> bool:
         """Delete a session's events, snapshots and idempotency keys (but the key of its create)
         for good and leave a tombstone, in one transaction (`also` runs in it: read models drop
@@ -464,7 +476,9 @@ class EventStore:
 
         SQLite: with secure_delete on, whatever SQLite build this is, so the freed space is
         zeroed; the WAL keeps the old pages until a checkpoint (see checkpoint()).
-        Returns True when this call purged it, False when a tombstone was there already.
+        Returns True when this call purged it, False when a tombstone was there already or,
+        with `version`, when the session is no longer at that version (another engine wrote
+        to it since the caller decided: the decision is stale, nothing is deleted).
         """
         self.refuse_waiting_for_itself("purge")
         with (self.storage_errors("purge a session in"), self.connection() as conn,
@@ -481,6 +495,15 @@ class EventStore:
                 # rest; one that waited sees the tombstone (its next statements read after the
                 # lock) or finds the event before it gone (append_one's row lock)
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_APPEND_LOCK_KEY})")
+            if version is not None:
+                # read under the locks appends take: an archive that committed after the
+                # caller read the session is seen here
+                latest = conn.execute(sa.text(
+                    "SELECT MAX(version) FROM sl_events WHERE session_id = :sid"),
+                    {"sid": session_id}).scalar()
+                if latest != version:
+                    conn.rollback()
+                    return False
             for table in ("sl_events", "sl_snapshots"):
                 conn.execute(sa.text(f"DELETE FROM {table} WHERE session_id = :sid"),
                              {"sid": session_id})
@@ -516,7 +539,15 @@ class EventStore:
         if self.dialect != "sqlite":
             return
         with self.storage_errors("checkpoint"), self.connection() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            # Without waiting: a TRUNCATE checkpoint holds the write lock while it waits for
+            # readers, so with the usual 30 s busy timeout every writer of every process stood
+            # still while another process read a long scan. With none, SQLite copies what it
+            # can at once (as a PASSIVE checkpoint does) when a reader is in the way.
+            conn.exec_driver_sql("PRAGMA busy_timeout = 0")
+            try:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
 
     def tombstone(self, session_id: str) -> tuple[str, str, int] | None:
         """(name, final status, purged_ts) of a purged session, if it was purged."""
@@ -823,6 +854,13 @@ class _Statements:
             self.insert_event_checked = (
                 f"INSERT INTO sl_events ({cols}) SELECT {events} {no_tombstone}")
             self.insert_event_returning = self.insert_event_checked + " RETURNING position"
+            # several events in one statement, inserted (and numbered) in the order given
+            self.insert_events_many = (
+                f"INSERT INTO sl_events ({cols}) SELECT {cols} FROM unnest("
+                "%s::varchar[], %s::int[], %s::varchar[], %s::bigint[], %s::varchar[], "
+                "%s::varchar[], %s::bytea[], %s::bytea[]) WITH ORDINALITY "
+                f"AS u({cols}, ordinal) WHERE NOT EXISTS (SELECT 1 FROM sl_tombstones t "
+                "WHERE t.session_id = u.session_id) ORDER BY ordinal")
             self.upsert_snapshot = (
                 f"INSERT INTO sl_snapshots ({snapshot_cols}) SELECT {snapshot} {no_tombstone} "
                 f"{on_conflict}")

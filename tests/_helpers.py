@@ -160,3 +160,19 @@ def strict_json(text: str) -> Any:
     def refuse(constant: str) -> None:
         raise AssertionError(f"not valid JSON: {constant}")
     return json.loads(text, parse_constant=refuse)
+
+
+def once_after(monkeypatch: pytest.MonkeyPatch, obj: Any, method: str, meanwhile: Any,
+               when: Any = None) -> None:
+    """The first call of `obj.<method>` (whose arguments pass `when`) is followed by
+    `meanwhile()`, before the caller gets its result."""
+    real = getattr(obj, method)
+
+    def call_then_act(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        if when is None or when(*args):
+            monkeypatch.setattr(obj, method, real)
+            meanwhile()
+        return result
+
+    monkeypatch.setattr(obj, method, call_then_act)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _helpers import once_after
 from conftest import EngineFactory
 
 from sessionledger import InvalidArgument, RetentionPolicy, SessionEngine, SessionStatus
@@ -16,15 +17,7 @@ def after_selection(monkeypatch: pytest.MonkeyPatch, engine: SessionEngine, obj:
                     method: str, meanwhile: Callable[[], object]) -> None:
     """The first call of `obj.<method>` (the catalog selecting sessions) is followed by
     `meanwhile` (another engine acting on them)."""
-    real = getattr(obj, method)
-
-    def select_then_act(*args: Any, **kwargs: Any) -> Any:
-        monkeypatch.setattr(obj, method, real)
-        selected = real(*args, **kwargs)
-        meanwhile()
-        return selected
-
-    monkeypatch.setattr(obj, method, select_then_act)
+    once_after(monkeypatch, obj, method, meanwhile)
 
 
 def test_save_all_active_leaves_out_a_session_suspended_meanwhile(
