@@ -787,7 +787,11 @@ class SessionEngine:
         self._writer.forget(sid)
         purged = self._store.purge(sid, name, status, now_us(),
                                    lambda conn: self._catalog.tables.delete(conn, sid), version)
-        if self._metrics_hook is not None:
+        # gone (by this call or another engine's): metrics stop counting it; a session left
+        # standing (its version moved on) keeps its place
+        if self._metrics_hook is not None and (
+            purged or self._store.tombstone(sid) is not None
+        ):
             self._metrics_hook.forget(sid)
         return purged
 

@@ -40,6 +40,9 @@ def test_purge_does_not_delete_a_session_archived_meanwhile(
     assert report.purged == [second]
     assert cleaner.get(first).status is SessionStatus.ARCHIVED
     assert cleaner._store.tombstone(first) is None
+    # still counted (as this engine last saw it: another engine archived it), the purged one not
+    counted = {status: n for status, n in cleaner.metrics()["sessions"].items() if n}
+    assert counted == {"COMPLETED": 1}
 
 
 def test_catch_up_returns_while_another_engine_keeps_appending(
