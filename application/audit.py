@@ -112,12 +112,13 @@ def parse_time(value: object, what: str = "time") -> datetime:
     )
 
 
-def _micros(value: object, what: str) -> int | None:
+def time_filter_micros(value: object, what: str) -> int | None:
+    """A time filter (None: no filter) in stored microseconds, read by parse_time."""
     return None if value is None else to_micros(parse_time(value, what))
 
 
 def _window(since: object, until: object) -> tuple[int | None, int | None]:
-    low, high = _micros(since, "since"), _micros(until, "until")
+    low, high = time_filter_micros(since, "since"), time_filter_micros(until, "until")
     if low is not None and high is not None and low > high:
         raise InvalidArgument(f"since ({since}) is after until ({until})")
     return low, high

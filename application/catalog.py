@@ -28,7 +28,6 @@ from sessionledger.domain.events import (
     SESSION_STARTED,
     stored_micros,
     stored_version,
-    to_micros,
 )
 from sessionledger.domain.values import MAX_LABEL_LENGTH, checked_text, decimal_digits
 from sessionledger.infrastructure.catalog_store import (
@@ -51,7 +50,7 @@ from sessionledger.projections.catalog import (
 )
 from sessionledger.projections.replay import current_data
 
-from .audit import parse_time
+from .audit import time_filter_micros
 from .gc_pause import gc_paused
 from .subscribers import SubscriberRunner
 
@@ -288,8 +287,8 @@ class Catalog:
         tag_list = _tags(tags)
         if name is not None:
             name = checked_text(name, "name")  # one a session could have, or InvalidArgument
-        after = _micros(updated_after, "updated_after")
-        before = _micros(updated_before, "updated_before")
+        after = time_filter_micros(updated_after, "updated_after")
+        before = time_filter_micros(updated_before, "updated_before")
         keyset = _decode_cursor(cursor)
         if catch_up:
             self.catch_up()
@@ -445,11 +444,6 @@ def _tags(tags: object) -> list[str] | None:
         raise InvalidArgument(f"tags must be a list of str, got {tags!r}")
     # each one a tag could be (valid Unicode, no control characters), or InvalidArgument
     return sorted({checked_text(tag, "tag", MAX_LABEL_LENGTH) for tag in tags})
-
-
-def _micros(moment: object, what: str) -> int | None:
-    """The time filters read as history() reads its own (audit.parse_time)."""
-    return None if moment is None else to_micros(parse_time(moment, what))
 
 
 def _canonical_id(text: str) -> bool:

@@ -1,7 +1,9 @@
-"""The `sessionledger` command: demo, ls, show, history.
+"""The `sessionledger` command: demo, ls, show, history, diff, timeline, blame, verify, rebuild,
+snapshots, cleanup and subscribers (the audit verbs' parsing and printing are in cli_audit).
 
-Every verb takes `--url` (default: $SESSIONLEDGER_URL, else ./sessionledger.db). Errors print one
-line and exit non-zero; no traceback.
+Every verb takes `--url` (default: $SESSIONLEDGER_URL, else ./sessionledger.db) and `--json`,
+before or after the verb. Errors print one line and exit 1 (`verify` exits 2 when it finds a
+problem); no traceback.
 """
 
 from __future__ import annotations

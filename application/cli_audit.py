@@ -37,22 +37,13 @@ from sessionledger.domain.session import Session
 from sessionledger.domain.values import decimal_digits
 from sessionledger.projections.audit import Change, StateDiff
 
-from .audit import AuditQueries, parse_time
+from .audit import parse_time
 
 if TYPE_CHECKING:  # the engine imports the CLI's modules, never the other way round at run time
     from .engine import SessionEngine
 
 TIME_HELP = ("ISO 8601 (2026-11-25T10:00:00Z, 2026-11-25T11:00:00+01:00 or 2026-11-25; "
              "UTC if no offset)")
-
-
-def audit_of(engine: SessionEngine) -> AuditQueries:
-    """The engine's replay queries (until SessionEngine exposes them as `engine.audit`, built
-    from its store, repository and codec)."""
-    queries = getattr(engine, "audit", None)
-    if isinstance(queries, AuditQueries):
-        return queries
-    return AuditQueries(engine._store, engine._repository, engine._codec)
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -227,16 +218,16 @@ def show_at(engine: SessionEngine, args: argparse.Namespace) -> None:
     if at is None:
         session = engine.get(args.session_id)
     else:
+        # the engine's queries, not engine.audit's: a purged session is named as such
         target = parse_version_or_time(at)
-        queries = audit_of(engine)
-        session = (queries.state_at(args.session_id, version=target) if isinstance(target, int)
-                   else queries.state_at(args.session_id, at=target))
+        session = (engine.state_at(args.session_id, version=target) if isinstance(target, int)
+                   else engine.state_at(args.session_id, at=target))
     print_session(session, args.json)
 
 
 def history_filtered(engine: SessionEngine, args: argparse.Namespace) -> None:
     """`history ID [--type T ...] [--since TIME] [--until TIME] [--actor NAME]`."""
-    events = audit_of(engine).history(
+    events = engine.history(
         args.session_id, since=getattr(args, "since", None), until=getattr(args, "until", None),
         types=_types(getattr(args, "types", None)), actor=getattr(args, "actor", None),
     )
@@ -245,8 +236,7 @@ def history_filtered(engine: SessionEngine, args: argparse.Namespace) -> None:
 
 def cmd_diff(engine: SessionEngine, args: argparse.Namespace) -> None:
     """`diff ID A B`: state keys added, changed and removed from version A to version B."""
-    diff = audit_of(engine).diff(args.session_id, parse_version(args.a, "A"),
-                                 parse_version(args.b, "B"))
+    diff = engine.diff(args.session_id, parse_version(args.a, "A"), parse_version(args.b, "B"))
     if args.json:
         print(_dumps(diff_dict(diff)))
         return
@@ -266,7 +256,7 @@ def cmd_diff(engine: SessionEngine, args: argparse.Namespace) -> None:
 
 def cmd_blame(engine: SessionEngine, args: argparse.Namespace) -> None:
     """`blame ID KEY`: every change to one state key."""
-    entries = audit_of(engine).blame(args.session_id, args.key)
+    entries = engine.blame(args.session_id, args.key)
     if args.json:
         print(_dumps([{
             "version": b.version, "timestamp": b.timestamp, "actor": b.actor,
@@ -299,7 +289,7 @@ def _cell(text: str, width: int, cut: bool) -> str:
 def cmd_timeline(engine: SessionEngine, args: argparse.Namespace) -> None:
     """`timeline [--since] [--until] [--type ...] [--limit]`: every session's events in commit
     order, printed as they stream in (constant memory on any number of events)."""
-    events = audit_of(engine).timeline(since=args.since, until=args.until,
+    events = engine.timeline(since=args.since, until=args.until,
                                        types=_types(args.types))
     shown = events if args.limit is None else itertools.islice(events, args.limit)
     try:

@@ -8,9 +8,12 @@ import blake3
 
 from sessionledger.domain.errors import InvalidArgument
 from sessionledger.domain.values import utf8_encodable
+from sessionledger.infrastructure.store import DURABILITY_PRAGMAS
+from sessionledger.projections.hooks import ON_ERROR_MODES
 
-_DURABILITY = ("full", "normal")
-_HOOK_ERRORS = ("isolate", "raise")
+# tuples: `in` on a tuple also answers for an unhashable value (a list given by mistake)
+_DURABILITY = tuple(DURABILITY_PRAGMAS)
+_HOOK_ERRORS = tuple(sorted(ON_ERROR_MODES))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
 from sessionledger.domain.events import EVENT_TYPES, SessionEvent, event_time, unknown_event_types
 from sessionledger.domain.values import checked_text
-from sessionledger.infrastructure.codec import PayloadCodec
+from sessionledger.infrastructure.codec import PayloadCodec, blob
 from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore, Waker
 from sessionledger.projections.replay import current_data
 
@@ -65,7 +65,7 @@ class Consumer(Protocol):
 def decode_feed_row(payloads: PayloadCodec, row: FeedRow) -> SessionEvent:
     """A feed row as the SessionEvent subscribers receive (data in the current schema)."""
     position, sid, version, event_type, micros, actor, correlation, payload = row
-    schema, data = payloads.decode(bytes(payload), sid, version)
+    schema, data = payloads.decode(blob(payload), sid, version)
     return SessionEvent(sid, version, event_type, event_time(sid, version, micros), actor,
                         correlation,
                         current_data(sid, version, event_type, schema, data), position)

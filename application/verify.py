@@ -270,6 +270,8 @@ class Verifier:
             if sid != current:
                 if due and not self._purged(current or ""):
                     # snapshots of the last session the walk never reached (rarely any)
+                    # (counted when reported: those after a broken link are neither)
+                    report.snapshots += 0 if broken else len(due)
                     problems.extend(_leftover_snapshots(current or "", due, broken))
                 current, session, head = sid, Session(sid), GENESIS_DIGEST
                 expected, broken = 1, False
@@ -337,6 +339,7 @@ class Verifier:
                     # and say what is wrong, if anything
                     problems.extend(self._snapshot_problems(found, session, version, digest))
         if current is not None and due and not self._purged(current):
+            report.snapshots += 0 if broken else len(due)
             problems.extend(_leftover_snapshots(current, due, broken))
         report.sessions, report.events = sessions, events
         for sid, versions in snapshots.items():  # snapshots of sessions with no events at all

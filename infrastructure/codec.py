@@ -329,10 +329,6 @@ class EventCodec:
         return values
 
 
-#: the snapshot format this release writes; it reads every format up to this one
-SNAPSHOT_FORMAT = 1
-
-
 class SnapshotCodec:
     """Snapshot bodies: msgpack, lz4 when that makes them smaller, blake3 of the uncompressed
     bytes (keyed with the integrity key when there is one). Returns and takes (flags, digest,

@@ -76,7 +76,7 @@ tombstones = Table(
     Column("session_id", String(36), primary_key=True),
     Column("name", String(256), nullable=False),
     Column("final_status", String(16), nullable=False),
-    Column("version", Integer, nullable=False),
+    Column("version", Integer, nullable=False),  # its last version when it was purged
     Column("purged_ts", BigInteger, nullable=False),
 )
 

@@ -495,15 +495,14 @@ class EventStore:
                 # rest; one that waited sees the tombstone (its next statements read after the
                 # lock) or finds the event before it gone (append_one's row lock)
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_APPEND_LOCK_KEY})")
-            if version is not None:
-                # read under the locks appends take: an archive that committed after the
-                # caller read the session is seen here
-                latest = conn.execute(sa.text(
-                    "SELECT MAX(version) FROM sl_events WHERE session_id = :sid"),
-                    {"sid": session_id}).scalar()
-                if latest != version:
-                    conn.rollback()
-                    return False
+            # read under the locks appends take: an archive that committed after the caller
+            # read the session is seen here
+            latest = conn.execute(sa.text(
+                "SELECT MAX(version) FROM sl_events WHERE session_id = :sid"),
+                {"sid": session_id}).scalar()
+            if version is not None and latest != version:
+                conn.rollback()
+                return False
             for table in ("sl_events", "sl_snapshots"):
                 conn.execute(sa.text(f"DELETE FROM {table} WHERE session_id = :sid"),
                              {"sid": session_id})
@@ -513,8 +512,10 @@ class EventStore:
                                  "AND scope <> 'create'"), {"sid": session_id})
             tombstoned = conn.execute(sa.text(
                 "INSERT INTO sl_tombstones (session_id, name, final_status, version, purged_ts) "
-                "VALUES (:sid, :name, :status, 0, :ts) ON CONFLICT (session_id) DO NOTHING"),
-                {"sid": session_id, "name": name, "status": final_status, "ts": micros})
+                "VALUES (:sid, :name, :status, :version, :ts) "
+                "ON CONFLICT (session_id) DO NOTHING"),
+                {"sid": session_id, "name": name, "status": final_status,
+                 "version": latest if type(latest) is int else 0, "ts": micros})
             if also is not None:
                 also(conn)
             conn.commit()

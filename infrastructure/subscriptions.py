@@ -1,6 +1,7 @@
 """Subscription plumbing: reading the log in global order, tracking positions, waiting for news.
 
-Positions are gap-free in commit order: on SQLite writers are serialised by the database lock,
+Positions become visible in order (they have holes: purges, rolled-back inserts): on SQLite
+writers are serialised by the database lock,
 on PostgreSQL every appending transaction holds an advisory lock from its first statement to its
 commit (see EventStore.append), so a reader that sees position n has seen every position below
 it. A subscriber therefore never skips an event that committed late.
@@ -198,7 +199,6 @@ class Waker:
         self.store = store
         self.poll_interval = poll_interval
         self._fairy: Any = None
-        self._lock = threading.Lock()
         if store.dialect == "postgresql":
             self._listen()
 

@@ -229,7 +229,8 @@ class HookRegistry:
 
     @property
     def errors(self) -> int:
-        """How many hook calls (and observer calls) have raised since the registry was made."""
+        """How many hook calls (and latency observer calls) have raised since the registry was
+        made (an error observer that raises is logged, not counted)."""
         return self._errors
 
     def subscribe(

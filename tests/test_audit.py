@@ -30,9 +30,6 @@ from sessionledger import (
     SessionStatus,
 )
 from sessionledger.audit import AuditQueries, parse_time
-from sessionledger.cli_audit import (
-    audit_of,
-)
 from sessionledger.domain.events import to_datetime, to_micros
 from sessionledger.infrastructure.codec import GENESIS_DIGEST
 from sessionledger.projections.audit import (
@@ -229,7 +226,7 @@ def test_state_at_every_version_equals_a_plain_replay(engine_factory: EngineFact
     sid = lifecycle(engine)
     snapshots = backend.sql("SELECT COUNT(*) FROM sl_snapshots WHERE session_id = ?", (sid,))
     assert (snapshots[0][0] > 2) == bool(every)
-    queries = audit_of(engine_factory(snapshot_every=every, max_active_sessions=0))
+    queries = engine_factory(snapshot_every=every, max_active_sessions=0).audit
     for version in range(1, 13):
         assert_same_session(plain_replay(engine, sid, version), queries.state_at(sid, version))
     assert queries.state_at(sid, version=12).status is SessionStatus.FAILED
@@ -254,7 +251,7 @@ def test_state_at_reads_from_the_nearest_snapshot_at_or_below(
         return snapshot, events
 
     monkeypatch.setattr(store, "snapshot_and_stream", recording)
-    queries = audit_of(engine)
+    queries = engine.audit
     for version, snapshot in ((37, 30), (30, 30), (9, None), (45, 40)):
         reads.clear()
         session = queries.state_at(sid, version)
@@ -267,7 +264,7 @@ def test_state_at_reads_from_the_nearest_snapshot_at_or_below(
 def test_state_at_a_moment(engine_factory: EngineFactory) -> None:
     engine = engine_factory(snapshot_every=4)
     sid = lifecycle(engine)
-    queries = audit_of(engine)
+    queries = engine.audit
     events = engine.history(sid)
     stamps = [to_micros(e.timestamp) for e in events]
 
@@ -307,7 +304,7 @@ def test_state_at_a_moment_on_a_long_session_matches_the_definition(
         rows.extend(encoded)
         head = encoded[-1][7]
     engine._store.append(rows)
-    queries = audit_of(engine)
+    queries = engine.audit
     probes = sorted({stamps[0], stamps[-1], stamps[-1] + 5} | set(stamps[::37])
                     | {s + 1 for s in stamps[::53]} | {s - 1 for s in stamps[1::41]})
     for micros in probes:
@@ -319,7 +316,7 @@ def test_state_at_refuses_bad_arguments(engine_factory: EngineFactory) -> None:
     engine = engine_factory()
     sid = engine.create("s")
     engine.update(sid, {"a": 1})
-    queries = audit_of(engine)
+    queries = engine.audit
     with pytest.raises(InvalidArgument, match="exactly one"):
         queries.state_at(sid)
     with pytest.raises(InvalidArgument, match="exactly one"):
@@ -350,7 +347,7 @@ def test_state_at_a_moment_with_a_missing_event_raises_corrupted(
     when = engine.history(sid)[7].timestamp
     backend.sql("DELETE FROM sl_events WHERE session_id = ? AND version = 5", (sid,))
     with pytest.raises(CorruptedData, match="version 5"):
-        audit_of(engine).state_at(sid, at=when)
+        engine.audit.state_at(sid, at=when)
 
 
 # -- diff ---------------------------------------------------------------------------------------
@@ -359,7 +356,7 @@ def test_state_at_a_moment_with_a_missing_event_raises_corrupted(
 def test_diff_between_versions(engine_factory: EngineFactory) -> None:
     engine = engine_factory(snapshot_every=3)
     sid = lifecycle(engine)
-    diff = audit_of(engine).diff(sid, 1, 7)
+    diff = engine.audit.diff(sid, 1, 7)
     assert (diff.from_version, diff.to_version) == (1, 7)
     assert set(diff.added) == {"list", "dec"} and set(diff.removed) == {"blob"}
     assert set(diff.changed) == {"n", "flag"}
@@ -369,7 +366,7 @@ def test_diff_between_versions(engine_factory: EngineFactory) -> None:
     assert diff.removed["blob"] == Change(b"\x00\xff", None, diff.removed["blob"].changes)
     assert [t.type for t in diff.added["dec"].changes] == ["StateChanged"]
     # across the restore (version 8 goes back to version 4's state)
-    diff = audit_of(engine).diff(sid, 7, 8)
+    diff = engine.audit.diff(sid, 7, 8)
     assert set(diff.removed) == {"dec"} and set(diff.added) == {"blob"}
     assert set(diff.changed) == {"n", "flag"}
     assert all(c.changes[0].actor == "dave" for c in diff.changed.values())
@@ -378,7 +375,7 @@ def test_diff_between_versions(engine_factory: EngineFactory) -> None:
 def test_diff_agrees_with_state_at_for_every_pair(engine_factory: EngineFactory) -> None:
     engine = engine_factory(snapshot_every=2)
     sid = lifecycle(engine)
-    queries = audit_of(engine)
+    queries = engine.audit
     states = {0: {}} | {v: queries.state_at(sid, v).state for v in range(1, 13)}
     for a in range(13):
         for b in range(13):
@@ -400,7 +397,7 @@ def test_diff_agrees_with_state_at_for_every_pair(engine_factory: EngineFactory)
 def test_diff_refuses_bad_versions(engine_factory: EngineFactory) -> None:
     engine = engine_factory()
     sid = engine.create("s")
-    queries = audit_of(engine)
+    queries = engine.audit
     assert queries.diff(sid, 0, 1).added == {}
     for a, b in ((0, 2), (-1, 1), (1, None), ("1", 1), (True, 1)):
         with pytest.raises(InvalidArgument, match=r"0\.\.1"):
@@ -416,7 +413,7 @@ def test_diff_checks_the_chain_of_the_events_between(engine_factory: EngineFacto
     for n in range(6):
         engine.update(sid, {"n": n})
     tamper_actor(backend, sid, 5)
-    queries = audit_of(engine)
+    queries = engine.audit
     with pytest.raises(CorruptedData, match="version 5"):
         queries.diff(sid, 2, 7)
     with pytest.raises(CorruptedData, match="version 5"):
@@ -429,7 +426,7 @@ def test_diff_checks_the_chain_of_the_events_between(engine_factory: EngineFacto
 def test_history_filters(engine_factory: EngineFactory) -> None:
     engine = engine_factory()
     sid = lifecycle(engine)
-    queries = audit_of(engine)
+    queries = engine.audit
     everything = engine.history(sid)
     assert queries.history(sid) == everything
     assert [e.version for e in queries.history(sid, actor="bob")] == [2, 4, 7]
@@ -457,7 +454,7 @@ def test_history_filters(engine_factory: EngineFactory) -> None:
 def test_history_refuses_bad_filters(engine_factory: EngineFactory) -> None:
     engine = engine_factory()
     sid = engine.create("s")
-    queries = audit_of(engine)
+    queries = engine.audit
     with pytest.raises(InvalidArgument, match="'Nope'"):
         queries.history(sid, types=["StateChanged", "Nope"])
     with pytest.raises(InvalidArgument, match="after until"):
@@ -481,7 +478,7 @@ def test_filtered_history_never_serves_a_stream_that_fails_the_chain_check(
         engine.update(sid, {"n": n}, actor="bob")
     tamper_actor(backend, sid, 3)  # an event the filter below would not even return
     with pytest.raises(CorruptedData, match="version 3"):
-        audit_of(engine).history(sid, actor="alice")
+        engine.audit.history(sid, actor="alice")
 
 
 def test_parse_time() -> None:
@@ -507,7 +504,7 @@ def test_timeline_in_commit_order_across_sessions(engine_factory: EngineFactory)
     engine.record(b, "ping", {"n": 1})
     c = lifecycle(engine)
     engine.update(b, {"y": 2})
-    queries = audit_of(engine)
+    queries = engine.audit
     timeline = list(queries.timeline())
     positions = [e.position for e in timeline]
     assert all(isinstance(p, int) for p in positions) and positions == sorted(set(positions))
@@ -532,7 +529,7 @@ def test_timeline_filters_and_names_of_sessions_started_before_the_window(
     engine.update(a, {"x": 1})
     engine.update(b, {"x": 1}, actor="bob")
     engine.record(a, "ping")
-    queries = audit_of(engine)
+    queries = engine.audit
     everything = list(queries.timeline())
     changes = list(queries.timeline(types=["StateChanged"]))
     assert [(e.session_id, e.type) for e in changes] == [(a, "StateChanged"),
@@ -570,7 +567,7 @@ def test_timeline_looks_names_up_a_batch_at_a_time(
         return real_query(sql, params)
 
     monkeypatch.setattr(store, "query", counting)
-    saves = list(audit_of(engine).timeline(types=["SessionSaved"]))
+    saves = list(engine.audit.timeline(types=["SessionSaved"]))
     assert sorted((e.session_id, e.session_name) for e in saves) == sorted(
         (sid, f"name-{i}") for _ in range(2) for i, sid in enumerate(ids))
     assert len(queries) == 1, queries
@@ -585,7 +582,7 @@ def test_timeline_history_and_state_at_upcast_old_schema_events(
         ("SessionStarted", 1, {"name": "old", "tags": [], "metadata": {}, "state": {"a": 1}}),
         ("StateChanged", 1, {"changes": {"b": 2}, "removed": ["a"]}),
     ], to_micros(T0))
-    queries = audit_of(engine)
+    queries = engine.audit
     timeline = list(queries.timeline())
     assert timeline[0].data["parent"] is None and timeline[0].session_name == "old"
     assert timeline[1].data == {"set": {"b": 2}, "delete": ["a"]}
@@ -601,7 +598,7 @@ def test_timeline_raises_on_a_payload_that_does_not_decode(engine_factory: Engin
     engine.update(sid, {"a": 1})
     backend.sql("UPDATE sl_events SET payload = ? WHERE session_id = ? AND version = 2",
                 (b"\x00\x02\xc1", sid))
-    events = audit_of(engine).timeline()
+    events = engine.audit.timeline()
     assert next(events).version == 1
     with pytest.raises(CorruptedData, match="version 2"):
         next(events)
@@ -616,7 +613,7 @@ def test_timeline_streams_in_roughly_constant_memory(engine_factory: EngineFacto
         events = [started(f"s{s}")] + [changed({"i": i, "note": note})
                                        for i in range(1, per_session)]
         append_raw(engine, str(uuid.uuid4()), events, micros + s, step_us=sessions)
-    queries = audit_of(engine)
+    queries = engine.audit
 
     def peak(consume: Any) -> tuple[int, int]:
         tracemalloc.start()
@@ -641,7 +638,7 @@ def test_timeline_streams_in_roughly_constant_memory(engine_factory: EngineFacto
 def test_blame(engine_factory: EngineFactory) -> None:
     engine = engine_factory(snapshot_every=2)
     sid = lifecycle(engine)
-    queries = audit_of(engine)
+    queries = engine.audit
     n = queries.blame(sid, "n")
     assert [(b.version, b.type, b.actor) for b in n] == [
         (1, "SessionStarted", "alice"), (2, "StateChanged", "bob"), (5, "StateChanged", "carol"),
@@ -679,12 +676,12 @@ def test_blame_checks_the_chain(engine_factory: EngineFactory, backend: Backend)
     engine.update(sid, {"other": 1})
     tamper_actor(backend, sid, 2)
     with pytest.raises(CorruptedData):
-        audit_of(engine).blame(sid, "k")
+        engine.audit.blame(sid, "k")
 
 
-def test_audit_of_builds_queries_on_the_engine() -> None:
+def test_engine_audit_is_the_queries_on_its_store() -> None:
     with SessionEngine("sqlite://") as engine:
-        queries = audit_of(engine)
+        queries = engine.audit
         assert isinstance(queries, AuditQueries)
         sid = engine.create("s", state={"a": 1})
         assert queries.state_at(sid, 1).state == {"a": 1}

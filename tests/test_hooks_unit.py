@@ -81,8 +81,10 @@ def test_active_and_subscriptions_follow_subscribe_and_unsubscribe() -> None:
 
 
 def test_no_subscribers_dispatch_is_a_no_op(make: Stream) -> None:
-    HookRegistry().dispatch([make(A, "SessionStarted")])
-    HookRegistry(on_error="raise").dispatch([])
+    for registry in (HookRegistry(), HookRegistry(on_error="raise")):
+        registry.dispatch([make(A, "SessionStarted")])
+        registry.dispatch([])
+        assert (registry.active, registry.errors, registry.subscriptions) == (False, 0, ())
 
 
 def test_events_filter_delivers_only_those_types(make: Stream) -> None:

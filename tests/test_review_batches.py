@@ -3,21 +3,11 @@ catalog's selection and the batch or purge, each a test that failed before its f
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import pytest
 from _helpers import once_after
 from conftest import EngineFactory
 
-from sessionledger import InvalidArgument, RetentionPolicy, SessionEngine, SessionStatus
-
-
-def after_selection(monkeypatch: pytest.MonkeyPatch, engine: SessionEngine, obj: Any,
-                    method: str, meanwhile: Callable[[], object]) -> None:
-    """The first call of `obj.<method>` (the catalog selecting sessions) is followed by
-    `meanwhile` (another engine acting on them)."""
-    once_after(monkeypatch, obj, method, meanwhile)
+from sessionledger import InvalidArgument, RetentionPolicy, SessionStatus
 
 
 def test_save_all_active_leaves_out_a_session_suspended_meanwhile(
@@ -25,7 +15,7 @@ def test_save_all_active_leaves_out_a_session_suspended_meanwhile(
 ) -> None:
     saver, other = engine_factory(), engine_factory()
     paused, kept = saver.create("paused"), saver.create("kept")
-    after_selection(monkeypatch, saver, saver, "_catalog_ids", lambda: other.suspend(paused))
+    once_after(monkeypatch, saver, "_catalog_ids", lambda: other.suspend(paused))
     saved = saver.save_all_active()
     assert set(saved) == {kept}
     assert [e.type for e in saver.history(paused)][-1] == "SessionSuspended"
@@ -42,7 +32,7 @@ def test_restore_recent_returns_only_the_sessions_it_recovered(
         other.end(purged)
         other._purge(purged, "purged", "COMPLETED")
 
-    after_selection(monkeypatch, restorer, restorer._catalog, "find", end_and_purge)
+    once_after(monkeypatch, restorer._catalog, "find", end_and_purge)
     recovered = restorer.restore_recent(10)  # raised SessionPurged, after committing
     assert [s.id for s in recovered] == [kept]
     assert recovered[0].status is SessionStatus.ACTIVE
@@ -67,7 +57,7 @@ def test_cleanup_reports_only_what_it_did(
     cleaner.end(second)
     meanwhile = ((lambda: other.archive(first)) if action == "archive"
                  else (lambda: other._purge(first, "first", "COMPLETED")))
-    after_selection(monkeypatch, cleaner, cleaner._catalog.tables, "find", meanwhile)
+    once_after(monkeypatch, cleaner._catalog.tables, "find", meanwhile)
     report = cleaner.cleanup(RetentionPolicy(max_age=0, purge=action == "purge"))
     assert report.session_ids == [second]
     assert (report.archived if action == "archive" else report.purged) == [second]
@@ -84,7 +74,7 @@ def test_a_purge_records_the_status_the_session_has_when_purged(
     cleaner, other = engine_factory(), engine_factory()
     sid = cleaner.create("s")
     cleaner.end(sid)
-    after_selection(monkeypatch, cleaner, cleaner._catalog.tables, "find",
+    once_after(monkeypatch, cleaner._catalog.tables, "find",
                     lambda: other.archive(sid))
     assert cleaner.cleanup(RetentionPolicy(keep_last=0, purge=True)).purged == [sid]
     tombstone = cleaner._store.tombstone(sid)
@@ -97,7 +87,7 @@ def test_a_purge_by_age_leaves_a_session_archived_meanwhile(
     cleaner, other = engine_factory(), engine_factory()
     sid = cleaner.create("s")
     cleaner.end(sid)
-    after_selection(monkeypatch, cleaner, cleaner._catalog.tables, "find",
+    once_after(monkeypatch, cleaner._catalog.tables, "find",
                     lambda: other.archive(sid))
     assert cleaner.cleanup(RetentionPolicy(max_age=0, purge=True)).purged == []
     assert cleaner.get(sid).status is SessionStatus.ARCHIVED

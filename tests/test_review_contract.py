@@ -48,9 +48,14 @@ def test_blame_entries_and_problems_answer_to_the_issues_words(engine: SessionEn
     assert entry.time == entry.timestamp and entry.actor == "bob"
     (touch,) = engine.diff(sid, 1, 2).added["x"].changes
     assert touch.time == touch.timestamp
-    from sessionledger.verify import Problem
-    problem = Problem(sid, 2, "broken")
-    assert problem.session == sid
+    engine.update(sid, {"x": 2})
+    engine._store._db.execute(  # a changed byte in version 2's payload
+        engine._store._sql.adapt("UPDATE sl_events SET payload = ? WHERE session_id = ? "
+                                 "AND version = 2"), (b"\x00\x02\x80", sid))
+    if engine._store.dialect == "postgresql":
+        engine._store._db.commit()
+    (problem,) = engine.verify().problems
+    assert (problem.session, problem.session_id, problem.version) == (sid, sid, 2)
 
 
 def test_timeline_table_prints_whole_times_that_name_their_event(cli: Cli, url: str) -> None:

@@ -22,6 +22,7 @@ from sessionledger import (
     SessionStatus,
     SnapshotCorrupted,
     SnapshotVersionError,
+    StorageError,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy-format0.db"
@@ -70,14 +71,28 @@ def test_save_and_checkpoint_always_snapshot(engine_factory: EngineFactory,
     assert snapshot_rows(backend, sid) == [(v_cp, 1), (v_save, 1)]
 
 
-def test_a_failed_command_writes_no_snapshot(engine_factory: EngineFactory,
-                                             backend: Backend) -> None:
+def test_a_failed_command_writes_no_snapshot(engine_factory: EngineFactory, backend: Backend,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write fails after the snapshot was made: neither the event nor the snapshot is
+    stored, and the engine's copy does not move on."""
     engine = engine_factory(snapshot_every=0)
     sid = engine.create("s")
     engine.checkpoint(sid, "cp")
-    with pytest.raises(Exception):  # noqa: B017 - any refusal; the label is a duplicate
-        engine.checkpoint(sid, "cp")
+    real_append = engine._store.append
+    offered: list[int] = []
+
+    def failing_append(rows: Any, idempotency: Any = None, snapshots: Any = ()) -> int:
+        offered.append(len(snapshots))
+        raise StorageError("the disk is full")
+
+    monkeypatch.setattr(engine._store, "append", failing_append)
+    with pytest.raises(StorageError):
+        engine.checkpoint(sid, "cp2")
+    assert offered == [1]  # the snapshot was part of the failed write
+    monkeypatch.setattr(engine._store, "append", real_append)
     assert snapshot_rows(backend, sid) == [(2, 1)]
+    assert engine.get(sid).version == 2 and "cp2" not in engine.get(sid).checkpoints
+    assert engine.checkpoint(sid, "cp2") == 3
 
 
 # -- loads use the snapshot ---------------------------------------------------------------------
