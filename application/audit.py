@@ -32,6 +32,7 @@ from sessionledger.domain.events import (
 )
 from sessionledger.domain.session import Session
 from sessionledger.domain.values import parse_session_id
+from sessionledger.infrastructure import log_reads
 from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec
 from sessionledger.infrastructure.store import EventStore
 from sessionledger.projections.audit import BlameEntry, StateDiff, blame_key, diff_states
@@ -46,34 +47,6 @@ TimeLike = datetime | date | str
 _NAME_CACHE_SIZE = 4096
 #: session ids per query when timeline() looks names up
 _NAMES_CHUNK = 500
-
-# The last version of a session whose timestamp is <= ?, by binary search over versions, in one
-# statement: about log2(n) seeks on the unique (session_id, version) index, one round trip
-# (40 µs on a 100,000-event SQLite session, where MAX(version) ... WHERE ts <= ? reads the whole
-# session: 15-40 ms). It relies on what the write path guarantees: a session's timestamps never
-# decrease (every command stamps max(now, the session's last timestamp)), so the versions with
-# ts <= at are a prefix 1..N. (lo, hi): lo is a version known to be <= at (0: none), hi the
-# highest still possible; a missing version (damage) stops the search without a `lo = hi` row.
-# The recursive reference sits in the FROM list, not in a subquery: PostgreSQL requires that.
-_VERSION_AT = """
-WITH RECURSIVE bs(lo, hi) AS (
-    SELECT 0, MAX(version) FROM sl_events WHERE session_id = ?
-    UNION ALL
-    SELECT CASE WHEN e.ts <= ? THEN (bs.lo + bs.hi + 1) / 2 ELSE bs.lo END,
-           CASE WHEN e.ts <= ? THEN bs.hi ELSE (bs.lo + bs.hi + 1) / 2 - 1 END
-    FROM bs JOIN sl_events e ON e.session_id = ? AND e.version = (bs.lo + bs.hi + 1) / 2
-    WHERE bs.lo < bs.hi
-)
-SELECT lo FROM bs WHERE lo = hi
-"""
-#: the same answer by definition, for a stream the search could not walk (a missing version)
-_VERSION_AT_SCAN = "SELECT MAX(version) FROM sl_events WHERE session_id = ? AND ts <= ?"
-_FIRST_EVENT = "SELECT ts, type, payload FROM sl_events WHERE session_id = ? AND version = 1"
-_TIMELINE = (
-    "SELECT position, session_id, version, type, ts, actor, correlation_id, payload "
-    "FROM sl_events{where} ORDER BY position"
-)
-
 
 
 
@@ -285,19 +258,9 @@ class AuditQueries:
         wanted = checked_types(types)
         if wanted is not None and not wanted:
             return iter(())
-        clauses: list[str] = []
-        params: list[Any] = []
-        if low is not None:
-            clauses.append("ts >= ?")
-            params.append(low)
-        if high is not None:
-            clauses.append("ts < ?")
-            params.append(high)
-        if wanted is not None:
-            clauses.append(f"type IN ({', '.join('?' * len(wanted))})")
-            params.extend(sorted(wanted))
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        return self._timeline(_TIMELINE.format(where=where), params)
+        where, params = log_reads.timeline_where(
+            low, high, None if wanted is None else sorted(wanted))
+        return self._timeline(log_reads.TIMELINE.format(where=where), params)
 
     def _timeline(self, sql: str, params: list[Any]) -> Iterator[SessionEvent]:
         decode = self._codec.payloads.decode
@@ -344,9 +307,7 @@ class AuditQueries:
         found: dict[str, str | None] = dict.fromkeys(sids)
         for start in range(0, len(sids), _NAMES_CHUNK):
             chunk = sids[start:start + _NAMES_CHUNK]
-            rows = self._store.query(
-                "SELECT session_id, type, payload FROM sl_events WHERE version = 1 AND "
-                f"session_id IN ({', '.join('?' * len(chunk))})", chunk)
+            rows = self._store.query(log_reads.first_events(len(chunk)), chunk)
             for sid, event_type, payload in rows:
                 if event_type != SESSION_STARTED:
                     continue
@@ -358,15 +319,15 @@ class AuditQueries:
     def _version_at(self, sid: str, micros: int, moment: datetime) -> int:
         """The last version of `sid` committed at or before `micros`; InvalidArgument when
         the session started later, SessionNotFound when it does not exist."""
-        rows = self._store.query(_VERSION_AT, (sid, micros, micros, sid))
+        rows = self._store.query(log_reads.VERSION_AT, (sid, micros, micros, sid))
         if not rows:
             # no session, or a stream with a gap the search could not walk: ask plainly (the
             # load after this reports the gap as CorruptedData)
             self._latest(sid)
-            rows = self._store.query(_VERSION_AT_SCAN, (sid, micros))
+            rows = self._store.query(log_reads.VERSION_AT_SCAN, (sid, micros))
         version = int(rows[0][0] or 0)
         if version == 0:
-            first = self._store.query(_FIRST_EVENT, (sid,))
+            first = self._store.query(log_reads.FIRST_EVENT, (sid,))
             started = to_datetime(first[0][0]).isoformat() if first else "later"
             raise InvalidArgument(
                 # the caller's own moment: in UTC it may fall before year 1

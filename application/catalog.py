@@ -235,11 +235,10 @@ class Catalog:
     def stored_version(self) -> int | None:
         """The projection version that built the stored catalog (None: never built; -1: a
         value that is no version, a damaged row, which makes the catalog outdated)."""
-        rows = self.subscriptions.store.query("SELECT value FROM sl_meta WHERE key = ?",
-                                              (VERSION_KEY,))
-        if not rows:
+        value = self.tables.get_meta(VERSION_KEY)
+        if value is None:
             return None
-        text = str(rows[0][0])
+        text = str(value)
         return int(text) if decimal_digits(text) else -1
 
     def built_by_newer(self) -> bool:

@@ -24,6 +24,7 @@ import msgpack
 from sessionledger.domain.errors import CorruptedData, SessionLedgerError
 from sessionledger.domain.events import EVENT_SCHEMAS, MAX_MICROS, stored_micros
 from sessionledger.domain.session import Session
+from sessionledger.infrastructure import log_reads
 from sessionledger.infrastructure.codec import (
     GENESIS_DIGEST,
     EventCodec,
@@ -49,8 +50,6 @@ StoredRow = tuple[Any, Any, Any, Any]
 #: snapshots fetched per query while verifying
 SNAPSHOT_CHUNK = 500
 
-_EVENTS = ("SELECT session_id, version, type, ts, actor, correlation_id, payload, digest "
-           "FROM sl_events{where} ORDER BY session_id, version")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,32 +94,6 @@ def _leftover_snapshots(sid: str, due: list[int], broken: bool) -> Iterator[Prob
         yield Problem(sid, version, "snapshot of a version whose events are missing")
 
 
-def _where(session_id: str | None,
-           shard: tuple[str | None, str | None] | None) -> tuple[str, tuple[str, ...]]:
-    if session_id is not None:
-        return " WHERE session_id = ?", (session_id,)
-    if shard is None:
-        return "", ()
-    clauses, params = [], []
-    if shard[0] is not None:
-        clauses.append("session_id >= ?")
-        params.append(shard[0])
-    if shard[1] is not None:
-        clauses.append("session_id < ?")
-        params.append(shard[1])
-    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
-
-
-#: session ids at every `step`-th event in (session, version) order, found by the database: each
-#: step seeks past the last cut and counts `step` index entries (no id list reaches Python)
-_CUTS = (
-    "WITH RECURSIVE cuts(id) AS ("
-    " SELECT (SELECT session_id FROM sl_events ORDER BY session_id, version LIMIT 1 OFFSET ?)"
-    " UNION ALL"
-    " SELECT (SELECT session_id FROM sl_events WHERE session_id > cuts.id"
-    " ORDER BY session_id, version LIMIT 1 OFFSET ?) FROM cuts WHERE cuts.id IS NOT NULL"
-    ") SELECT id FROM cuts WHERE id IS NOT NULL"
-)
 
 
 def shards(store: EventStore, count: int) -> list[tuple[str | None, str | None]]:
@@ -130,12 +103,12 @@ def shards(store: EventStore, count: int) -> list[tuple[str | None, str | None]]
     session's id in Python, time the engine's own process spent before its first piece."""
     if count <= 1:
         return [(None, None)]
-    rows = store.query("SELECT MAX(position) FROM sl_events")
+    rows = store.query(log_reads.MAX_POSITION)
     total = rows[0][0] if rows and type(rows[0][0]) is int else 0
     step = -(-total // count)  # positions, so purged events make the pieces a little smaller
     if step < 1:
         return [(None, None)]
-    cuts = [row[0] for row in store.query(_CUTS, (step, step))]
+    cuts = [row[0] for row in store.query(log_reads.CUTS, (step, step))]
     if not cuts:
         return [(None, None)]
     bounds: list[str | None] = [None, *cuts, None]
@@ -205,11 +178,8 @@ class _SnapshotFeed:
             # order, an index range scan instead of a join on the keys (with the loop changes
             # in _walk, one-process verify 3.86 -> 3.64 µs an event; those alone 3.65 -> 3.54)
             (low_sid, low_version), (high_sid, high_version) = pairs[0], pairs[-1]
-            rows = self.store.query(
-                "SELECT session_id, version, format_version, flags, digest, data "
-                "FROM sl_snapshots WHERE (session_id, version) >= (?, ?) "
-                "AND (session_id, version) <= (?, ?) ORDER BY session_id, version",
-                [low_sid, low_version, high_sid, high_version])
+            rows = self.store.query(log_reads.SNAPSHOTS_BETWEEN,
+                                    [low_sid, low_version, high_sid, high_version])
             # rows the walk does not expect (written since it began, or with a version that is
             # no number) are never asked for
             self.chunk = {(row[0], row[1]): tuple(row[2:]) for row in rows}
@@ -237,7 +207,7 @@ class Verifier:
     def _walk(self, session_id: str | None,
               shard: tuple[str | None, str | None] | None) -> VerifyReport:
         report = VerifyReport()
-        where, params = _where(session_id, shard)
+        where, params = log_reads.events_where(session_id, shard)
         snapshots = self._snapshot_versions(where, params, report)
         feed = _SnapshotFeed(self.store, snapshots)
         # the chain link, the timestamp check and the uncompressed payload decode inlined
@@ -264,7 +234,7 @@ class Verifier:
         due: list[int] = []
         sessions = events = 0
         for sid, version, event_type, micros, actor, correlation, payload, digest in (
-            self.store.scan(_EVENTS.format(where=where), params)
+            self.store.scan(log_reads.EVENTS_BY_SESSION.format(where=where), params)
         ):
             events += 1
             if sid != current:
@@ -361,9 +331,7 @@ class Verifier:
         session: a few per hundred events). A version that is not a number (SQLite keeps any
         type in any column) is reported here."""
         versions: dict[str, list[int]] = {}
-        rows = self.store.query(
-            f"SELECT session_id, version FROM sl_snapshots{where} ORDER BY session_id, version",
-            params)
+        rows = self.store.query(log_reads.SNAPSHOT_VERSIONS.format(where=where), params)
         for sid, version in rows:
             if type(version) is not int:
                 report.snapshots += 1

@@ -144,6 +144,11 @@ class CatalogStore:
         return conn.exec_driver_sql(self._sql(
             "SELECT 1 FROM sl_tombstones WHERE session_id = ?"), (session_id,)).first() is not None
 
+    def get_meta(self, key: str) -> object:
+        """The value recorded for `key` in sl_meta (None when there is none)."""
+        rows = self.store.query("SELECT value FROM sl_meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
     def set_meta(self, conn: Connection, key: str, value: str) -> None:
         """Record `key` = `value` in sl_meta (in the transaction of `conn`)."""
         conn.exec_driver_sql(self._sql(
