@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from uuid import UUID
 
 from sqlalchemy.engine import Connection
 
@@ -29,7 +28,12 @@ from sessionledger.domain.events import (
     stored_micros,
     stored_version,
 )
-from sessionledger.domain.values import MAX_LABEL_LENGTH, checked_text, decimal_digits
+from sessionledger.domain.values import (
+    MAX_LABEL_LENGTH,
+    checked_text,
+    decimal_digits,
+    is_canonical_id,
+)
 from sessionledger.infrastructure.catalog_store import (
     NEXT,
     CatalogRow,
@@ -445,18 +449,10 @@ def _tags(tags: object) -> list[str] | None:
     return sorted({checked_text(tag, "tag", MAX_LABEL_LENGTH) for tag in tags})
 
 
-def _canonical_id(text: str) -> bool:
-    """True when `text` is a session id as the store writes it (lower-case hex, dashes)."""
-    try:
-        return str(UUID(text)) == text
-    except ValueError:
-        return False
-
-
 def _decode_cursor(cursor: str | None) -> tuple[int, str] | None:
     if cursor is None:
         return None
     micros, _, sid = str(cursor).partition(".")
-    if not (decimal_digits(micros) and int(micros) <= MAX_MICROS and _canonical_id(sid)):
+    if not (decimal_digits(micros) and int(micros) <= MAX_MICROS and is_canonical_id(sid)):
         raise InvalidArgument(f"invalid cursor {cursor!r}: pass a Page.next_cursor")
     return int(micros), sid

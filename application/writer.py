@@ -218,16 +218,17 @@ class SessionWriter:
                     # ones for the others
                     snapshots.extend(self._apply_committing(session, pending, rows, rows[-1][3]))
                 position = self._store.append(all_rows, None, snapshots)
-            except SessionGone:
-                # a session of the batch was purged meanwhile: decide again without it (only
-                # purged ones leave; a purge is no lost race, so no retry is spent)
+            except BaseException as error:
+                # the sessions have applied the batch's events, which were not written
                 for session, _, _ in decided:
                     self._working_set.pop(session.id, None)
-                ids = [sid for sid in ids if self._store.tombstone(sid) is None]
-                continue
-            except VersionConflict:
-                for session, _, _ in decided:
-                    self._working_set.pop(session.id, None)
+                if isinstance(error, SessionGone):
+                    # a session of the batch was purged meanwhile: decide again without it
+                    # (only purged ones leave; a purge is no lost race, so no retry is spent)
+                    ids = [sid for sid in ids if self._store.tombstone(sid) is None]
+                    continue
+                if not isinstance(error, VersionConflict):
+                    raise
                 if attempt >= self.config.retries:
                     # (the versions the batch read: the sessions have applied its events)
                     raise self._batch_conflict(
@@ -235,10 +236,6 @@ class SessionWriter:
                     ) from None
                 attempt += 1
                 continue
-            except BaseException:
-                for session, _, _ in decided:
-                    self._working_set.pop(session.id, None)
-                raise
             for session, _, rows in decided:
                 self._remember(session, rows[-1][7])
             if self.hooks.active and all_rows:

@@ -236,6 +236,11 @@ def checked_tags(value: Any) -> list[str]:
 _CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+def is_canonical_id(text: str) -> bool:
+    """True when `text` is a session id as the store writes it (lower-case hex and dashes)."""
+    return _CANONICAL_ID.fullmatch(text) is not None
+
+
 def parse_session_id(value: object) -> str:
     """The canonical string form of a session id (a UUID or its text), or InvalidSessionId."""
     if type(value) is str and _CANONICAL_ID.fullmatch(value):
