@@ -63,6 +63,9 @@ log = logging.getLogger("sessionledger.catalog")
 CATALOG = "catalog"
 REBUILD_TRACKING = "catalog:rebuild"
 VERSION_KEY = "projection:catalog"
+#: sl_meta: how many rebuilds have been swapped in (a rebuild that fails tells by it whether
+#: another engine's swap finished the work under it)
+SWAPS_KEY = "projection:catalog:swaps"
 #: a rebuild commits every REBUILD_BATCH positions: big enough that commits (which rewrite
 #: pages all over a table keyed by random UUIDs) cost little per event, small enough that an
 #: interrupted rebuild loses little (measured: 10,000 -> 100,000 doubled the rate on 1M events
@@ -319,18 +322,23 @@ class Catalog:
         first, this one returns 0: the catalog was rebuilt.
         """
         subs = self.subscriptions
+        swaps = self._swaps()
         with subs.transaction(REBUILD_TRACKING) as (conn, _):
             self.tables.create_next(conn)
         try:
             return self._fill_and_swap(progress)
         except SessionLedgerError:
-            # Only what another engine's swap explains is not an error: the "_next" tables this
-            # rebuild was filling are gone and the live catalog is this projection version's.
-            # Anything else (a lost connection, a locked or read-only file) is raised.
-            if self.tables.next_exists() or self.stored_version() != CATALOG_VERSION:
+            # Only what another engine's swap explains is not an error: it swapped the "_next"
+            # tables this rebuild was filling in (and another rebuild may have made new ones
+            # since). Anything else (a lost connection, a locked or read-only file) is raised.
+            if self._swaps() == swaps or self.stored_version() != CATALOG_VERSION:
                 raise
             log.info("catalog rebuild finished by another engine")
             return 0
+
+    def _swaps(self) -> int:
+        text = str(self.tables.get_meta(SWAPS_KEY) or "")
+        return int(text) if decimal_digits(text) and len(text) < 19 else 0
 
     def _window_reader(self) -> contextlib.AbstractContextManager[TotalsPrefetcher | None]:
         """A reader of the next window's totals, or None on an in-memory SQLite database (one
@@ -383,8 +391,12 @@ class Catalog:
         # the swap: fold what came meanwhile, then rename, in one transaction that holds the
         # live catalog's tracking row (no live batch can interleave)
         with subs.transaction(CATALOG, hold_off_purges=True) as (conn, _):
+            # the rebuild's tracking row locked and read in this transaction: a window another
+            # engine's rebuild folds meanwhile commits first (and is read) or waits for the
+            # swap (and then finds its tables gone); read outside, such a window was folded
+            # twice (PostgreSQL: event counts one too high)
+            rebuilt = subs.locked_position(conn, REBUILD_TRACKING)
             position = subs.head_in(conn)
-            rebuilt = subs.position(REBUILD_TRACKING)
             if rebuilt < position:
                 self._rebuilder.handle_window(conn, rebuilt, position)
             self.tables.drop_purged_next(conn)
@@ -393,6 +405,7 @@ class Catalog:
             subs.advance(conn, CATALOG, position)
             subs.forget(conn, REBUILD_TRACKING)
             self._set_version(conn)
+            self.tables.set_meta(conn, SWAPS_KEY, str(self._swaps() + 1))
         return position - first if position > first else 0
 
 

@@ -90,6 +90,17 @@ def _start_verify_worker(counter: Any) -> None:
     # Ctrl-C in a terminal reaches every process of the group: the verifying process handles
     # it (and ends the workers); a worker must not print a KeyboardInterrupt traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a verifying process that is killed (SIGKILL, SIGTERM) cannot end its workers, which
+    # would wait for tasks for good: each ends itself when its parent is gone
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True,
+                         name="sessionledger-verify-parent-watch").start()
+
+
+def _exit_with(parent: Any) -> None:
+    parent.join()  # returns when the parent process has ended
+    os._exit(1)
 
 
 @contextlib.contextmanager

@@ -317,11 +317,15 @@ class EventStore:
     def storage_errors(self, doing: str) -> Iterator[None]:
         """Turn driver and SQLAlchemy errors in the block into one-line StorageErrors:
         "cannot {doing} database {url}: {what the driver said}"."""
+        # the driver's own errors too (once it is loaded): reads on a raw DBAPI cursor raise
+        # those, psycopg's AdminShutdown when the server drops the connection
+        driver_error = getattr(self, "_dbapi_error", None)
+        caught = (sa.exc.SQLAlchemyError, OSError, *((driver_error,) if driver_error else ()))
         try:
             yield
         except StorageError:
             raise
-        except (sa.exc.SQLAlchemyError, OSError) as error:
+        except caught as error:
             original = getattr(error, "orig", None) or error
             raise StorageError(
                 f"cannot {doing} database {safe_url(self.url)}: {one_line(original)}"

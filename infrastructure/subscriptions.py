@@ -131,6 +131,16 @@ class SubscriptionStore:
                 raise
             conn.commit()
 
+    def locked_position(self, conn: Connection, name: str) -> int:
+        """A subscriber's tracked position, read in the transaction of `conn` with its tracking
+        row locked until that transaction ends (PostgreSQL: FOR UPDATE; SQLite's write lock,
+        which such a transaction holds, does it already): a run of that subscriber in another
+        engine waits, and one under way has committed (0: no row)."""
+        lock = "" if self.dialect == "sqlite" else " FOR UPDATE"
+        row = conn.execute(sa.text(f"SELECT position FROM sl_tracking WHERE name = :n{lock}"),
+                           {"n": name}).first()
+        return tracked(name, row[0]) if row else 0
+
     def advance(self, conn: Connection, name: str, position: int) -> None:
         """Record `position` for `name` in the transaction of `conn`."""
         conn.execute(sa.text(
