@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import multiprocessing
 import os
-import signal
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from datetime import date, datetime
 from typing import Any, Literal, overload
 from uuid import UUID
@@ -53,6 +50,7 @@ from .catalog import REBUILD_TRACKING as REBUILD_NAME
 from .catalog import Catalog, Page, ProjectionOutdated
 from .catalog import Progress as RebuildProgress
 from .config import SessionConfig
+from .parallel_verify import verify_in_processes
 from .repository import SessionRepository
 from .retention import CleanupReport, RetentionPolicy
 from .subscribers import (
@@ -65,81 +63,15 @@ from .subscribers import (
     SubscriberThread,
     checked_subscription,
 )
-from .verify import Verifier, VerifyReport, merge, run_pieces, shards
+from .verify import Verifier, VerifyReport
 from .writer import Decision, SessionWriter, checked_meta, now_us
 
 #: a log longer than this is verified by several processes by default
 _PARALLEL_VERIFY_FROM = 200_000
 
 
-#: pieces of the log per process of a parallel verify (see run_pieces): small enough that
-#: the processes finish close together (500,000 events on 2 CPUs: 8 pieces a process 2.23-2.25
-#: µs an event, 32 pieces 2.15-2.19), large enough that a piece's two queries do not count
-_VERIFY_PIECES_PER_PROCESS = 32
-#: a verify worker process's share of the piece counter (set as the process starts)
-_verify_counter: Any = None
-
-
 #: restore_recent() brings back at most this many sessions per call
 RESTORE_RECENT_LIMIT = 10_000
-
-
-def _start_verify_worker(counter: Any) -> None:
-    global _verify_counter
-    _verify_counter = counter
-    # Ctrl-C in a terminal reaches every process of the group: the verifying process handles
-    # it (and ends the workers); a worker must not print a KeyboardInterrupt traceback
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # a verifying process that is killed (SIGKILL, SIGTERM) cannot end its workers, which
-    # would wait for tasks for good: each ends itself when its parent is gone
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        threading.Thread(target=_exit_with, args=(parent,), daemon=True,
-                         name="sessionledger-verify-parent-watch").start()
-
-
-def _exit_with(parent: Any) -> None:
-    parent.join()  # returns when the parent process has ended
-    os._exit(1)
-
-
-@contextlib.contextmanager
-def _workers_ignore_sigint() -> Iterator[None]:
-    """SIGINT ignored while worker processes are started, when this is the main thread: a
-    process inherits the ignored disposition, and Python then leaves it ignored, so Ctrl-C
-    while a worker imports prints nothing there. A Ctrl-C in these few milliseconds is lost
-    (press it again). Blocking SIGINT instead would lose nothing, but a spawned process does
-    not inherit the mask (measured: its SigBlk is empty)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _end_workers(pool: ProcessPoolExecutor) -> None:
-    """Stop a parallel verify's workers now (an interrupt or a failure here): they only read,
-    and waiting for each to finish its piece kept an interrupted verify running."""
-    for process in list(getattr(pool, "_processes", {}).values()):
-        with contextlib.suppress(Exception):
-            process.terminate()
-
-
-def _close_verify_pool(pool: ProcessPoolExecutor, counter: Any) -> None:
-    """Wait for a parallel verify's workers to exit; `counter` is kept alive until then."""
-    pool.shutdown(wait=True, cancel_futures=True)
-    del counter
-
-
-def _verify_pieces(url: str, config: SessionConfig,
-                   pieces: list[tuple[str | None, str | None]]) -> list[VerifyReport]:
-    """verify() of the pieces of the log this worker process gets to take first."""
-    with SessionEngine(url, config) as engine:
-        verifier = Verifier(engine._store, engine._codec, engine._repository)
-        return run_pieces(verifier, pieces, _verify_counter)
 
 
 class _EngineCollector(Collector):
@@ -843,39 +775,9 @@ class SessionEngine:
             return verifier.run()
         url = self._store.url.render_as_string(hide_password=False)
         config = dataclasses.replace(self.config, lifecycle_hooks=False, auto_rebuild=False)
-        context = multiprocessing.get_context("spawn")
-        counter = context.Value("i", 0)
-        # This process starts on the pieces at once; the workers take pieces once they are up
-        # (a spawned worker spends 0.2 s importing). Measured on 500,000 events, 2 CPUs,
-        # alternating runs: equal shards 2.62-2.72 µs an event, pieces 2.44-2.53.
-        # The workers are started first (a no-op task each: processes start on demand), so
-        # their imports overlap the query that cuts the pieces.
-        pool = ProcessPoolExecutor(workers - 1, mp_context=context,
-                                   initializer=_start_verify_worker, initargs=(counter,))
-        try:
-            with _workers_ignore_sigint():
-                for _ in range(workers - 1):
-                    pool.submit(int)  # a process each, started here
-            pieces = shards(self._store, workers * _VERIFY_PIECES_PER_PROCESS)
-            others = [pool.submit(_verify_pieces, url, config, pieces)
-                      for _ in range(workers - 1)]
-            reports = run_pieces(verifier, pieces, counter)
-            if len(reports) < len(pieces):  # the workers took the rest
-                for future in others:
-                    reports.extend(future.result())
-        except BaseException:
-            _end_workers(pool)
-            raise
-        finally:
-            # Not waiting here for the workers to exit: each has closed its engine by the time
-            # its result is in, and one that got no piece may still be importing. A thread
-            # waits instead, holding the shared counter: a worker opens it as it starts, and
-            # once this process dropped it the worker failed with FileNotFoundError.
-            closer = threading.Thread(target=_close_verify_pool, args=(pool, counter),
-                                      name="sessionledger-verify-pool")
-            closer.start()
-            self._verify_closers = [t for t in self._verify_closers if t.is_alive()] + [closer]
-        return merge(reports)
+        report, closer = verify_in_processes(verifier, self._store, url, config, workers)
+        self._verify_closers = [t for t in self._verify_closers if t.is_alive()] + [closer]
+        return report
 
     # -- observability -------------------------------------------------------------------------
 

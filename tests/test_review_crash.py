@@ -76,10 +76,10 @@ def test_a_window_folded_during_the_swap_is_not_folded_twice(
 _WORKER_OF_A_KILLED_PARENT = """
 import multiprocessing, os, time
 from concurrent.futures import ProcessPoolExecutor
-from sessionledger.engine import _start_verify_worker
+from sessionledger.parallel_verify import start_worker
 if __name__ == "__main__":
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(1, mp_context=context, initializer=_start_verify_worker,
+    pool = ProcessPoolExecutor(1, mp_context=context, initializer=start_worker,
                                initargs=(context.Value("i", 0),))
     print(pool.submit(os.getpid).result(), flush=True)
     time.sleep(120)

@@ -10,8 +10,7 @@ import pytest
 from _helpers import Backend
 from conftest import EngineFactory
 
-from sessionledger import SessionConfig, SessionEngine, StorageError, VerifyReport
-from sessionledger import engine as engine_module
+from sessionledger import SessionConfig, SessionEngine, StorageError, VerifyReport, parallel_verify
 from sessionledger.verify import Verifier, claim, merge, run_pieces, shards
 
 
@@ -135,9 +134,9 @@ def test_a_verify_worker_process_takes_the_pieces_nobody_took(
     context = multiprocessing.get_context("spawn")
     counter = context.Value("i", 1)
     config = SessionConfig(lifecycle_hooks=False, auto_rebuild=False)
-    with ProcessPoolExecutor(1, mp_context=context, initializer=engine_module._start_verify_worker,
+    with ProcessPoolExecutor(1, mp_context=context, initializer=parallel_verify.start_worker,
                              initargs=(counter,)) as pool:
-        reports = pool.submit(engine_module._verify_pieces, backend.url, config, pieces).result()
+        reports = pool.submit(parallel_verify.verify_pieces, backend.url, config, pieces).result()
     assert counter.value == 3 and len(reports) == 2
     worker = merge(reports)
     first = Verifier(engine._store, engine._codec, engine._repository).run(shard=pieces[0])
