@@ -379,25 +379,8 @@ class EventStore:
                         if used is None:  # pragma: no cover - the key row cannot vanish
                             raise
                         raise IdempotencyKeyUsed(*used) from None
-                position = 0
                 try:
-                    if len(rows) == 1:
-                        position = self._insert_one(db, rows[0])
-                    elif rows and self.dialect == "postgresql":
-                        # one statement over arrays, not executemany: psycopg pipelines that,
-                        # and a lost race (a unique violation) aborted the pipeline with a
-                        # logged "error ignored terminating Pipeline" warning each time
-                        cursor = db.execute(sql.insert_events_many,
-                                            [list(column) for column in zip(*rows, strict=True)])
-                        if cursor.rowcount != len(rows):
-                            raise SessionGone
-                        position = int(db.execute(sql.last_position).fetchone()[0])
-                    elif rows:
-                        cursor = db.cursor()
-                        cursor.executemany(sql.insert_event_checked, self._checked_rows(rows))
-                        if cursor.rowcount != len(rows):
-                            raise SessionGone
-                        position = int(db.execute(sql.last_position).fetchone()[0])
+                    position = self._insert_rows(db, rows)
                 except self._integrity_error as error:
                     db.execute("ROLLBACK")
                     if _PURGED in str(error):
@@ -407,17 +390,7 @@ class EventStore:
                     db.execute("ROLLBACK")
                     raise
                 if snapshots:
-                    # a purged session's snapshots are not written back (rebuild_snapshots
-                    # racing a cleanup in another engine): PostgreSQL skips them, SQLite's
-                    # guard refuses them
-                    try:
-                        db.cursor().executemany(sql.upsert_snapshot,
-                                                self._checked_rows(snapshots))
-                    except self._integrity_error as error:
-                        if _PURGED not in str(error):
-                            raise
-                        db.execute("ROLLBACK")
-                        raise SessionGone from None
+                    self._upsert_snapshots(db, snapshots)
                 db.execute(self._commit if rows else "COMMIT")
                 return position
             except (VersionConflict, IdempotencyKeyUsed, SessionGone):
@@ -430,6 +403,40 @@ class EventStore:
                         f"write to {safe_url(self.url)} failed: {one_line(error)}"
                     ) from None
                 raise
+
+    def _insert_rows(self, db: Any, rows: Sequence[EventRow]) -> int:
+        """Insert the events of an append (in its transaction); the last one's position (0:
+        none). SessionGone when a session of theirs was purged; the driver's IntegrityError
+        when a version is taken (or, on SQLite, the purge guard refuses)."""
+        sql = self._sql
+        if len(rows) == 1:
+            return self._insert_one(db, rows[0])
+        if not rows:
+            return 0
+        if self.dialect == "postgresql":
+            # one statement over arrays, not executemany: psycopg pipelines that, and a lost
+            # race (a unique violation) aborted the pipeline with a logged "error ignored
+            # terminating Pipeline" warning each time
+            cursor = db.execute(sql.insert_events_many,
+                                [list(column) for column in zip(*rows, strict=True)])
+        else:
+            cursor = db.cursor()
+            cursor.executemany(sql.insert_event_checked, self._checked_rows(rows))
+        if cursor.rowcount != len(rows):
+            raise SessionGone
+        return int(db.execute(sql.last_position).fetchone()[0])
+
+    def _upsert_snapshots(self, db: Any, snapshots: Sequence[SnapshotRow]) -> None:
+        """Write snapshots in an append's transaction. A purged session's are not written back
+        (rebuild_snapshots racing a cleanup in another engine): PostgreSQL skips them, SQLite's
+        guard refuses them (SessionGone, the transaction rolled back)."""
+        try:
+            db.cursor().executemany(self._sql.upsert_snapshot, self._checked_rows(snapshots))
+        except self._integrity_error as error:
+            if _PURGED not in str(error):
+                raise
+            db.execute("ROLLBACK")
+            raise SessionGone from None
 
     def _append_one_statement(self, db: Any, row: EventRow) -> int:
         """The common PostgreSQL append (one event, no key, no snapshot) as one statement in
