@@ -336,8 +336,8 @@ class Catalog:
             log.info("catalog rebuild finished by another engine")
             return 0
 
-    def _swaps(self) -> int:
-        text = str(self.tables.get_meta(SWAPS_KEY) or "")
+    def _swaps(self, conn: Connection | None = None) -> int:
+        text = str(self.tables.get_meta(SWAPS_KEY, conn) or "")
         return int(text) if decimal_digits(text) and len(text) < 19 else 0
 
     def _window_reader(self) -> contextlib.AbstractContextManager[TotalsPrefetcher | None]:
@@ -405,7 +405,9 @@ class Catalog:
             subs.advance(conn, CATALOG, position)
             subs.forget(conn, REBUILD_TRACKING)
             self._set_version(conn)
-            self.tables.set_meta(conn, SWAPS_KEY, str(self._swaps() + 1))
+            # (read on the swap's connection: the store's may be held by a command waiting
+            # for the write lock this transaction holds)
+            self.tables.set_meta(conn, SWAPS_KEY, str(self._swaps(conn) + 1))
         return position - first if position > first else 0
 
 

@@ -144,9 +144,15 @@ class CatalogStore:
         return conn.exec_driver_sql(self._sql(
             "SELECT 1 FROM sl_tombstones WHERE session_id = ?"), (session_id,)).first() is not None
 
-    def get_meta(self, key: str) -> object:
-        """The value recorded for `key` in sl_meta (None when there is none)."""
-        rows = self.store.query("SELECT value FROM sl_meta WHERE key = ?", (key,))
+    def get_meta(self, key: str, conn: Connection | None = None) -> object:
+        """The value recorded for `key` in sl_meta (None when there is none), read in the
+        transaction of `conn` if given. (Inside a transaction that holds SQLite's write lock,
+        always pass `conn`: the store's own connection may be held by a command waiting for
+        that lock.)"""
+        sql = "SELECT value FROM sl_meta WHERE key = ?"
+        rows: Sequence[Any] = (
+            self.store.query(sql, (key,)) if conn is None
+            else conn.exec_driver_sql(self._sql(sql), (key,)).fetchall())
         return rows[0][0] if rows else None
 
     def set_meta(self, conn: Connection, key: str, value: str) -> None:

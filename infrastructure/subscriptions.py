@@ -115,12 +115,18 @@ class SubscriptionStore:
                 row = conn.execute(sa.text("SELECT position FROM sl_tracking WHERE name = :n"),
                                    {"n": name}).first()
             else:
-                conn.execute(sa.text(
-                    "INSERT INTO sl_tracking (name, position, updated_ts) VALUES (:n, 0, 0) "
-                    "ON CONFLICT (name) DO NOTHING"), {"n": name})
-                row = conn.execute(sa.text(
-                    "SELECT position FROM sl_tracking WHERE name = :n FOR UPDATE"),
-                    {"n": name}).first()
+                for _ in range(3):
+                    conn.execute(sa.text(
+                        "INSERT INTO sl_tracking (name, position, updated_ts) VALUES (:n, 0, 0) "
+                        "ON CONFLICT (name) DO NOTHING"), {"n": name})
+                    row = conn.execute(sa.text(
+                        "SELECT position FROM sl_tracking WHERE name = :n FOR UPDATE"),
+                        {"n": name}).first()
+                    if row is not None:
+                        break
+                    # deleted while this waited for its lock (a catalog swap forgets the
+                    # rebuild's row): insert it again and lock that, so two engines waiting
+                    # here take turns instead of both going on unlocked
                 if hold_off_purges:
                     self.store.hold_off_purges(conn)
             try:

@@ -138,3 +138,82 @@ def test_a_driver_error_in_a_subscriber_read_is_a_storage_error(
     monkeypatch.setattr(engine._subscriptions, "_fetch", drop)
     with pytest.raises(StorageError, match=r"administrator command|disk I/O error"):
         engine.run_subscribers(until_idle=True)
+
+
+def _held_in_the_swap(monkeypatch: pytest.MonkeyPatch, engine: Any, meanwhile: Any) -> None:
+    """`meanwhile()` runs inside the engine's catalog swap, once it holds the rebuild's
+    tracking row (and on SQLite the write lock)."""
+    subs = engine._catalog.subscriptions
+    real = subs.locked_position
+
+    def locked_position(conn: Any, name: str) -> int:
+        position: int = real(conn, name)
+        if name == REBUILD_TRACKING:
+            meanwhile()
+        return position
+
+    monkeypatch.setattr(subs, "locked_position", locked_position)
+
+
+@pytest.mark.timeout(60)
+def test_a_command_during_the_swap_does_not_stall_it(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SQLite: the swap read the swap count through the store's connection, which a command of
+    another thread held while it waited for the swap's write lock: both waited 30 s."""
+    engine = engine_factory()
+    sid = engine.create("s")
+    outcome: list[object] = []
+
+    def update() -> None:
+        started = time.monotonic()
+        try:
+            outcome.append(engine.update(sid, {"x": 1}))
+        except StorageError as error:
+            outcome.append(error)
+        outcome.append(time.monotonic() - started)
+
+    command = threading.Thread(target=update)
+
+    def start_a_command() -> None:
+        command.start()
+        time.sleep(0.3)  # it holds the store's connection, waiting for the write lock
+
+    _held_in_the_swap(monkeypatch, engine, start_a_command)
+    engine.rebuild("catalog")
+    command.join(40)
+    assert outcome[0] == 2 and outcome[1] < 10, outcome
+
+
+@pytest.mark.timeout(60)
+def test_rebuilds_started_during_a_swap_take_turns(
+    engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL: two rebuilds waiting for the rebuild's tracking row found it deleted by the
+    swap and both went on unlocked: CREATE TABLE sl_catalog_next raced (pg_type unique key)."""
+    swapper, first, second = engine_factory(), engine_factory(), engine_factory()
+    for i in range(10):
+        swapper.update(swapper.create(f"s{i}"), {"i": i})
+    results: dict[str, object] = {}
+
+    def rebuild(name: str, engine: Any) -> None:
+        try:
+            results[name] = engine.rebuild("catalog")
+        except StorageError as error:
+            results[name] = error
+
+    others = [threading.Thread(target=rebuild, args=(name, engine))
+              for name, engine in (("first", first), ("second", second))]
+
+    def start_two_rebuilds() -> None:
+        for thread in others:
+            thread.start()
+        time.sleep(0.5)  # both wait for the tracking row the swap holds
+
+    _held_in_the_swap(monkeypatch, swapper, start_two_rebuilds)
+    assert swapper.rebuild("catalog") == 20
+    for thread in others:
+        thread.join(40)
+    assert all(type(value) is int for value in results.values()), results
+    live = {item.id: (item.version, item.event_count) for item in first.find(limit=100)}
+    assert len(live) == 10 and all(v == (2, 2) for v in live.values())
