@@ -51,7 +51,6 @@ StoredRow = tuple[Any, Any, Any, Any]
 SNAPSHOT_CHUNK = 500
 
 
-
 @dataclass(frozen=True, slots=True)
 class Problem:
     """One thing verify() found wrong: where, and what."""
@@ -83,17 +82,6 @@ class VerifyReport:
     def ok(self) -> bool:
         """True when every chain, event and snapshot checked out."""
         return not self.problems
-
-
-def _leftover_snapshots(sid: str, due: list[int], broken: bool) -> Iterator[Problem]:
-    """Snapshots the walk never reached: beyond the last event, or after a broken link (those
-    are not reported: the broken link is)."""
-    if broken:
-        return
-    for version in due:
-        yield Problem(sid, version, "snapshot of a version whose events are missing")
-
-
 
 
 def shards(store: EventStore, count: int) -> list[tuple[str | None, str | None]]:
@@ -238,11 +226,8 @@ class Verifier:
         ):
             events += 1
             if sid != current:
-                if due and not self._purged(current or ""):
-                    # snapshots of the last session the walk never reached (rarely any)
-                    # (counted when reported: those after a broken link are neither)
-                    report.snapshots += 0 if broken else len(due)
-                    problems.extend(_leftover_snapshots(current or "", due, broken))
+                if due:  # snapshots of the last session the walk never reached (rarely any)
+                    self._leftover_snapshots(report, current or "", due, broken)
                 current, session, head = sid, Session(sid), GENESIS_DIGEST
                 expected, broken = 1, False
                 due = snapshots.pop(sid, [])
@@ -308,9 +293,8 @@ class Verifier:
                     # chain (the common case, checked inline above with one encode): decode it
                     # and say what is wrong, if anything
                     problems.extend(self._snapshot_problems(found, session, version, digest))
-        if current is not None and due and not self._purged(current):
-            report.snapshots += 0 if broken else len(due)
-            problems.extend(_leftover_snapshots(current, due, broken))
+        if current is not None and due:
+            self._leftover_snapshots(report, current, due, broken)
         report.sessions, report.events = sessions, events
         for sid, versions in snapshots.items():  # snapshots of sessions with no events at all
             if self._purged(sid):
@@ -319,6 +303,18 @@ class Verifier:
             problems.extend(Problem(sid, v, "snapshot of a session with no events")
                             for v in versions)
         return report
+
+    def _leftover_snapshots(self, report: VerifyReport, sid: str, due: list[int],
+                            broken: bool) -> None:
+        """Snapshots of `sid` the walk never reached: beyond its last event (reported and
+        counted), or after a broken link (neither: the broken link is reported). None when a
+        cleanup purged the session meanwhile."""
+        if broken or self._purged(sid):
+            return
+        report.snapshots += len(due)
+        report.problems.extend(
+            Problem(sid, version, "snapshot of a version whose events are missing")
+            for version in due)
 
     def _purged(self, sid: str) -> bool:
         """True when a cleanup purged `sid` while the walk ran (its snapshots were listed

@@ -161,12 +161,12 @@ class SessionWriter:
                 used = self._store.idempotent_result(CREATE_SCOPE, key)
                 if used is not None:
                     return used[0]
-            if parent_id is not None:
-                self.loaded(parent_id)  # SessionNotFound for an unknown parent
-                if self._store.tombstone(parent_id) is not None:
-                    # purged by another engine since this one read it into its working set
-                    self._working_set.pop(parent_id, None)
-                    raise self.not_found(parent_id)
+            # SessionNotFound for an unknown parent; a copy held in the working set may be of a
+            # parent another engine purged since: the store is asked then
+            if (parent_id is not None and self.loaded(parent_id)[2]
+                    and self._store.tombstone(parent_id) is not None):
+                self._working_set.pop(parent_id, None)
+                raise self.not_found(parent_id)
             session = Session(new_session_id())
             now = now_us()
             rows = self._encode(session, GENESIS_DIGEST, [pending], actor, correlation_id, now)
