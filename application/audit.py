@@ -49,8 +49,6 @@ _NAME_CACHE_SIZE = 4096
 _NAMES_CHUNK = 500
 
 
-
-
 def parse_time(value: object, what: str = "time") -> datetime:
     """An aware datetime from a datetime (naive means UTC), a date (midnight UTC) or an ISO 8601
     string (``2026-11-25T10:00:00Z``, ``2026-11-25T11:00:00+01:00``, ``2026-11-25``).

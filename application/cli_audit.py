@@ -289,8 +289,7 @@ def _cell(text: str, width: int, cut: bool) -> str:
 def cmd_timeline(engine: SessionEngine, args: argparse.Namespace) -> None:
     """`timeline [--since] [--until] [--type ...] [--limit]`: every session's events in commit
     order, printed as they stream in (constant memory on any number of events)."""
-    events = engine.timeline(since=args.since, until=args.until,
-                                       types=_types(args.types))
+    events = engine.timeline(since=args.since, until=args.until, types=_types(args.types))
     shown = events if args.limit is None else itertools.islice(events, args.limit)
     try:
         if args.json:

@@ -112,16 +112,13 @@ class SubscriptionStore:
               self.store.connection() as conn):
             if self.dialect == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
-                row = conn.execute(sa.text("SELECT position FROM sl_tracking WHERE name = :n"),
-                                   {"n": name}).first()
+                row = self._locked_row(conn, name)
             else:
                 for _ in range(3):
                     conn.execute(sa.text(
                         "INSERT INTO sl_tracking (name, position, updated_ts) VALUES (:n, 0, 0) "
                         "ON CONFLICT (name) DO NOTHING"), {"n": name})
-                    row = conn.execute(sa.text(
-                        "SELECT position FROM sl_tracking WHERE name = :n FOR UPDATE"),
-                        {"n": name}).first()
+                    row = self._locked_row(conn, name)
                     if row is not None:
                         break
                     # deleted while this waited for its lock (a catalog swap forgets the
@@ -142,10 +139,15 @@ class SubscriptionStore:
         row locked until that transaction ends (PostgreSQL: FOR UPDATE; SQLite's write lock,
         which such a transaction holds, does it already): a run of that subscriber in another
         engine waits, and one under way has committed (0: no row)."""
-        lock = "" if self.dialect == "sqlite" else " FOR UPDATE"
-        row = conn.execute(sa.text(f"SELECT position FROM sl_tracking WHERE name = :n{lock}"),
-                           {"n": name}).first()
+        row = self._locked_row(conn, name)
         return tracked(name, row[0]) if row else 0
+
+    def _locked_row(self, conn: Connection, name: str) -> Any:
+        """(position,) of `name`'s tracking row, locked as locked_position() says; None when
+        there is no row."""
+        lock = "" if self.dialect == "sqlite" else " FOR UPDATE"
+        return conn.execute(sa.text(f"SELECT position FROM sl_tracking WHERE name = :n{lock}"),
+                            {"n": name}).first()
 
     def advance(self, conn: Connection, name: str, position: int) -> None:
         """Record `position` for `name` in the transaction of `conn`."""
