@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 
@@ -42,7 +42,7 @@ from sessionledger.infrastructure.catalog_store import (
     TotalsPrefetcher,
 )
 from sessionledger.infrastructure.codec import PayloadCodec, blob
-from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore
+from sessionledger.infrastructure.subscriptions import SubscriptionStore
 from sessionledger.projections.catalog import (
     CATALOG_VERSION,
     NEEDS_DATA,
@@ -56,7 +56,7 @@ from sessionledger.projections.replay import current_data
 
 from .audit import time_filter_micros
 from .gc_pause import gc_paused
-from .subscribers import SubscriberRunner
+from .subscribers import SubscriberRunner, WindowConsumer
 
 log = logging.getLogger("sessionledger.catalog")
 
@@ -119,21 +119,13 @@ def _damaged_row(session_id: str, error: Exception) -> CorruptedData:
 
 
 @dataclass
-class CatalogConsumer:
-    """Folds event batches into catalog tables (the live ones, or a rebuild's "_next")."""
+class CatalogConsumer(WindowConsumer):
+    """Folds windows of events into catalog tables (the live ones, or a rebuild's "_next")."""
 
     tables: CatalogStore
     payloads: PayloadCodec
     name: str = CATALOG
     suffix: str = ""
-    types: tuple[str, ...] | None = None
-    transactional: bool = True
-
-    windowed: bool = True
-
-    def handle(self, rows: Sequence[FeedRow], conn: Connection | None) -> int:
-        """The Consumer protocol's per-row entry (unused: the runner calls handle_window)."""
-        raise NotImplementedError("the catalog folds position windows: handle_window()")
 
     def handle_window(self, conn: Connection, after: int, upto: int,
                       totals: Totals | None = None) -> int:

@@ -16,6 +16,7 @@ until_idle=True)`` and logged and retried by the background runner.
 
 from __future__ import annotations
 
+import abc
 import logging
 import threading
 import time
@@ -51,8 +52,9 @@ class SubscriberFailed(SessionLedgerError):
         self.position = position
 
 
-class Consumer(Protocol):
-    """What the runner drives: a named, tracked consumer of event batches."""
+class BatchConsumer(Protocol):
+    """A named, tracked consumer the runner hands batches of decoded feed rows (a user's
+    durable subscriber)."""
 
     name: str
     types: tuple[str, ...] | None
@@ -60,6 +62,22 @@ class Consumer(Protocol):
 
     def handle(self, rows: Sequence[FeedRow], conn: Connection | None) -> int:
         """Handle `rows` (in order); return how many were handled before any failure."""
+
+
+class WindowConsumer(abc.ABC):
+    """A named, tracked consumer that folds whole windows of positions in SQL, inside the
+    transaction that moves its position: exactly once, and no row reaches Python unless it must
+    (the catalog)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def handle_window(self, conn: Connection, after: int, upto: int) -> int:
+        """Fold the events with positions in (after, upto]; return how many there were."""
+
+
+#: what the runner drives
+Consumer = BatchConsumer | WindowConsumer
 
 
 def decode_feed_row(payloads: PayloadCodec, row: FeedRow) -> SessionEvent:
@@ -137,7 +155,7 @@ class SubscriberRunner:
         """Deliver one batch to `consumer`; return how many events it handled (0: idle)."""
         subs = self.subscriptions
         name = consumer.name
-        if getattr(consumer, "windowed", False):
+        if isinstance(consumer, WindowConsumer):
             return self._step_window(consumer)
         if consumer.transactional:
             with subs.transaction(name, calls_back=True) as (conn, position):
@@ -173,7 +191,7 @@ class SubscriberRunner:
         subs.advance_now(name, done)
         return len(rows)
 
-    def _step_window(self, consumer: Any) -> int:
+    def _step_window(self, consumer: WindowConsumer) -> int:
         """A consumer that folds whole position windows in SQL (the catalog): exactly once."""
         subs = self.subscriptions
         if subs.store.holds_write_lock_here() and subs.position(consumer.name) >= subs.head():
