@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--max-age", type=parse_age, metavar="AGE",
                          help="ended longer ago than this: 30d, 12h, 15m, 45s")
     cleanup.add_argument("--keep-last", type=count_option("--keep-last", clamp=True),
-                         metavar="N", help="always keep the newest N ended sessions")
+                         metavar="N", help="always keep the N sessions that ended last")
     cleanup.add_argument("--purge", action="store_true",
                          help="delete events and snapshots for good (a tombstone stays) "
                               "instead of archiving")

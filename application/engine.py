@@ -52,7 +52,7 @@ from .catalog import Progress as RebuildProgress
 from .config import SessionConfig
 from .parallel_verify import verify_in_processes
 from .repository import SessionRepository
-from .retention import CleanupReport, RetentionPolicy
+from .retention import CleanupReport, RetentionPolicy, last_ended
 from .subscribers import (
     DEFAULT_BATCH,
     MAX_BATCH,
@@ -676,13 +676,11 @@ class SessionEngine:
                 cutoff = now - int(age * 1_000_000) if age * 1_000_000 < now else 0
             candidates = self._catalog.tables.find(statuses, None, None, None, None, cutoff,
                                                    1_000_000_000, None)
-            # keep_last counts every ended session, old or not: the newest N stay
+            # keep_last counts every ended session, old or not: the N that ended last stay
             keep = set()
-            if policy.keep_last is not None:
-                # (a LIMIT the databases take: no store holds 2**62 sessions)
-                newest = self._catalog.tables.find(statuses, None, None, None, None, None,
-                                                   min(max(policy.keep_last, 1), 2**62), None)
-                keep = {row[0] for row in newest[: policy.keep_last]}
+            if policy.keep_last:
+                keep = last_ended(self._store, set(self._catalog_ids(statuses)),
+                                  policy.keep_last)
             chosen = [row for row in candidates if row[0] not in keep]
             ids = [row[0] for row in chosen]
             if policy.dry_run:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sessionledger.domain.errors import InvalidArgument
+from sessionledger.domain.events import SESSION_ENDED
+from sessionledger.infrastructure import log_reads
+from sessionledger.infrastructure.store import EventStore
 
 
 @dataclass(frozen=True)
@@ -15,9 +19,10 @@ class RetentionPolicy:
 
     max_age: sessions whose last event is older than this (a timedelta or seconds; an age
         longer than the time since 1970, math.inf included, matches no session).
-    keep_last: keep the newest N ended sessions whatever their age (any int >= 0).
+    keep_last: keep the N ended sessions that ended last, whatever their age (any int >= 0;
+        ranked by when each ended, so an archived session ranks by its end, not its archive).
     At least one of the two must be given; with both, a session must be older than max_age and
-    not among the newest keep_last.
+    not among the keep_last that ended last.
     archive: the default action, whatever its value: append SessionArchived to each
         (archive=True says so explicitly and refuses purge=True beside it).
     purge=True: delete each session's events, snapshots and idempotency keys for good, leaving a
@@ -91,3 +96,22 @@ class CleanupReport:
 
     def __len__(self) -> int:
         return len(self.session_ids)
+
+
+def last_ended(store: EventStore, population: set[str], count: int) -> set[str]:
+    """The `count` sessions of `population` that ended last, by the commit order of their
+    SessionEnded: an archived session ranks by when it ended, not when it was archived (its
+    last event), so a purge run keeps the sessions an archive run with the same keep_last kept.
+    Reads the log backwards only until it has them."""
+    if count >= len(population):
+        return set(population)
+    kept: set[str] = set()
+    batches = store.scan_batches(log_reads.SESSIONS_BY_EVENT_NEWEST_FIRST, (SESSION_ENDED,))
+    with contextlib.closing(batches):  # ends the scan (and frees its connection) at once
+        for batch in batches:
+            for (sid,) in batch:
+                if sid in population:
+                    kept.add(sid)
+                    if len(kept) == count:
+                        return kept
+    return kept

@@ -31,6 +31,7 @@ from sessionledger.domain.events import EVENT_TYPES, SessionEvent, event_time, u
 from sessionledger.domain.values import checked_text
 from sessionledger.infrastructure.codec import PayloadCodec, blob
 from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore, Waker
+from sessionledger.projections.hooks import checked_plain_callable
 from sessionledger.projections.replay import current_data
 
 log = logging.getLogger("sessionledger.subscribers")
@@ -129,8 +130,8 @@ def checked_subscription(
 ) -> tuple[str, tuple[str, ...] | None]:
     """Validated (name, event types) of a durable subscription."""
     text = checked_text(name, "subscriber name")
-    if not callable(handler):
-        raise InvalidArgument(f"handler of subscriber {text!r} is not callable")
+    checked_plain_callable(handler, f"handler of subscriber {text!r}",
+                           "async subscribers are not supported")
     if events is None:
         return text, None
     if isinstance(events, str) or not hasattr(events, "__iter__"):

@@ -127,6 +127,13 @@ def checked_meta(
     )
 
 
+def _merged(first: HookFailed, later: HookFailed) -> HookFailed:
+    """One HookFailed for the failures of two deliveries, in delivery order."""
+    merged = HookFailed([*first.failures, *later.failures])
+    merged.__cause__ = first.__cause__
+    return merged
+
+
 class SessionWriter:
     """Decides, writes and delivers: the one place sessions change. Thread-safe (one lock)."""
 
@@ -404,8 +411,9 @@ class SessionWriter:
             self._dispatch([], failed)
 
     def _dispatch(self, events: list[SessionEvent], failed: HookFailed | None = None) -> None:
-        """Run the hooks on `events`, then on whatever they queued by issuing commands; raise
-        the first HookFailed (or `failed`, from an earlier delivery) once all went out."""
+        """Run the hooks on `events`, then on whatever they queued by issuing commands; once
+        all went out, raise one HookFailed listing every failure (`failed`'s, from an earlier
+        delivery, first)."""
         # A hook may issue commands itself: their events queue behind the batch being delivered,
         # so every hook still sees each session's events in version order.
         if self._delivering:
@@ -418,7 +426,7 @@ class SessionWriter:
                     try:
                         self.hooks.dispatch(events)
                     except HookFailed as error:  # hook_errors="raise": after all went out
-                        failed = failed or error
+                        failed = error if failed is None else _merged(failed, error)
                 if not self._hook_queue:
                     break
                 events, self._hook_queue = self._hook_queue, []

@@ -126,6 +126,14 @@ def _checked(value: Any, at: KeyPath, depth: int) -> Any:
         return UUID(int=value.int)
     if isinstance(value, Decimal):
         return Decimal(value)
+    if isinstance(value, dict):  # OrderedDict, defaultdict, ...: the items the dict holds
+        return _checked(dict(dict.items(value)), at, depth)
+    if isinstance(value, list):
+        return _checked(list(list.__iter__(value)), at, depth)
+    if isinstance(value, tuple):  # a namedtuple: a list, as every tuple
+        return _checked(list(tuple.__iter__(value)), at, depth)
+    if isinstance(value, bytes):
+        return bytes(memoryview(value))  # the buffer, not what an overridden __bytes__ says
     raise UnsupportedValue(key_path(at), f"type {kind.__name__} is not supported")
 
 

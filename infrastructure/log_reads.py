@@ -58,6 +58,10 @@ def timeline_where(low: int | None, high: int | None,
         params.extend(types)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
+#: the sessions of every event of one type (?), the last committed first
+SESSIONS_BY_EVENT_NEWEST_FIRST = (
+    "SELECT session_id FROM sl_events WHERE type = ? ORDER BY position DESC")
+
 
 # -- verify ------------------------------------------------------------------------------------
 

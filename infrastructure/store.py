@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -633,7 +633,7 @@ class EventStore:
         return self._fetchall(self._sql.adapt(sql), params)
 
     def scan_batches(self, sql: str, params: Sequence[Any] = (), batch: int = 2000
-                     ) -> Iterator[Sequence[Any]]:
+                     ) -> Generator[Sequence[Any], None, None]:
         """scan(), a batch of rows at a time (StorageError now, not at the first batch, once
         the store is closed)."""
         self.check_open()
@@ -646,7 +646,7 @@ class EventStore:
         return itertools.chain.from_iterable(self.scan_batches(sql, params, batch))
 
     def _scan_batches(self, sql: str, params: Sequence[Any], batch: int
-                      ) -> Iterator[Sequence[Any]]:
+                      ) -> Generator[Sequence[Any], None, None]:
         with self._one_user():  # held across the yields: the scan's cursor is open
             yield from self._scan_batches_on_own(sql, params, batch)
 

@@ -59,6 +59,10 @@ class SubscriptionStore:
         #: SQLite: the lock the engine's commands hold, taken before a subscriber's write lock
         #: (see transaction())
         self._commands_lock = commands_lock if store.dialect == "sqlite" else None
+        #: PostgreSQL: the tracking rows this thread holds locked in a transaction() under way
+        #: (a transactional handler that runs its own subscriber again would wait for itself:
+        #: the server sees no deadlock, as the holder is idle in its transaction)
+        self._rows_held = threading.local()
 
     # -- positions -------------------------------------------------------------------------
 
@@ -103,6 +107,11 @@ class SubscriptionStore:
             # a transactional handler that reads through the engine (find() catches the
             # catalog up): a second write lock on this thread would wait 30 s for the first
             self.store.refuse_waiting_for_itself(f"run subscriber {name!r}")
+        held: set[str] = self._rows_held.__dict__.setdefault("names", set())
+        if name in held:
+            raise StorageError(
+                f"cannot run subscriber {name!r} here: this thread holds its tracking row in "
+                f"that subscriber's own transaction, and would wait for itself")
         # SQLite, code that may call the engine: the engine's command lock first, as commands
         # take it before their write lock. Otherwise a command of another thread waiting for
         # this transaction's write lock holds the engine lock, and a handler reading through
@@ -126,12 +135,15 @@ class SubscriptionStore:
                     # here take turns instead of both going on unlocked
                 if hold_off_purges:
                     self.store.hold_off_purges(conn)
+            held.add(name)
             try:
                 with self.store.holding_write_lock():
                     yield conn, tracked(name, row[0]) if row else 0
             except BaseException:
                 conn.rollback()
                 raise
+            finally:
+                held.discard(name)
             conn.commit()
 
     def locked_position(self, conn: Connection, name: str) -> int:

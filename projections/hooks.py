@@ -26,7 +26,7 @@ from uuid import UUID
 
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
 from sessionledger.domain.events import EVENT_TYPES, SessionEvent, unknown_event_types
-from sessionledger.domain.values import parse_session_id
+from sessionledger.domain.values import checked_text, parse_session_id
 
 __all__ = [
     "ON_ERROR_MODES",
@@ -187,6 +187,17 @@ class HookSubscription:
         return f"<HookSubscription {self.name} {state}>"
 
 
+def checked_plain_callable(handler: object, what: str, refusal: str) -> None:
+    """InvalidArgument unless `handler` is a callable that runs when called: an async function
+    (or an instance with an async __call__) would only create a coroutine nobody awaits."""
+    if not callable(handler):
+        raise InvalidArgument(f"{what} must be callable, got {type(handler).__name__}")
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        type(handler).__call__
+    ):
+        raise InvalidArgument(f"{what} must be a plain callable; {refusal}")
+
+
 class HookRegistry:
     """The in-process hooks of one engine, and the loop that delivers events to them.
 
@@ -250,17 +261,9 @@ class HookRegistry:
         empty event filter, or a bare string where an iterable is expected; InvalidSessionId for
         a session id that is not a UUID.
         """
-        if not callable(handler):
-            raise InvalidArgument(f"handler must be callable, got {type(handler).__name__}")
-        if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-            type(handler).__call__  # an instance with an async __call__
-        ):
-            # Calling it would only create a coroutine that nobody awaits.
-            raise InvalidArgument("handler must be a plain callable; async hooks are not supported")
-        if name is None:
-            name = hook_name(handler)
-        elif not isinstance(name, str) or not name:
-            raise InvalidArgument(f"name must be a non-empty str, got {name!r}")
+        checked_plain_callable(handler, "handler", "async hooks are not supported")
+        # (a name goes into log records and Prometheus labels: text that encodes)
+        name = hook_name(handler) if name is None else checked_text(name, "hook name")
         subscription = HookSubscription(
             self, handler, name, _event_filter(events), _session_filter(sessions)
         )

@@ -16,9 +16,8 @@ has not touched since it started, are not counted. In detail:
 - ``hook_latency_seconds`` and ``hook_errors_total``: per hook, fed by the HookRegistry through
   ``observe_latency`` and ``observe_error``.
 
-Memory: one dict entry per session seen and not yet archived or purged (archived sessions are
-only counted, so a purge of an archived session leaves it counted in ARCHIVED), plus one per
-started session until it ends. A session this engine purges leaves the status it had.
+Memory: one dict entry per session seen and not yet purged, plus one per started session until
+it ends. A session this engine purges leaves the status it had (ARCHIVED included).
 
 The hot path (``__call__``, ``observe_latency``) uses plain ints and dicts and takes no lock:
 the engine delivers events one transaction at a time under its own lock. ``snapshot()`` and
@@ -169,13 +168,14 @@ class MetricsHook:
             self._observe_duration(max(0.0, (event.timestamp - started).total_seconds()))
 
     def _on_archived(self, event: SessionEvent) -> None:
-        # ARCHIVED is final: forget the session (keeps the dict bounded) and count it
-        self.forget(event.session_id)
-        self._by_status[_ARCHIVED] += 1
+        # still remembered: a purge later takes it out of ARCHIVED (archive-then-purge is the
+        # usual retention, and a gauge that only grows would be useless)
+        self._set_status(event.session_id, _ARCHIVED)
+        self._started_at.pop(event.session_id, None)
 
     def forget(self, session_id: str) -> None:
         """A session purged for good: it leaves the status it was counted in and the hook's
-        memory. (An archived one is no longer remembered, so it stays counted in ARCHIVED.)"""
+        memory."""
         old = self._status_of.pop(session_id, None)
         if old is not None:
             self._by_status[old] -= 1

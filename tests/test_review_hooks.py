@@ -1,0 +1,195 @@
+"""Review round 7: hooks, durable subscribers, metrics, retention and values, used adversarially.
+
+Each test here failed before its fix: an async durable handler whose events were lost, a
+transactional handler that ran its own subscriber again (PostgreSQL: waited for itself for
+good), HookFailed without the failures of events the hooks' own commands queued, purged archived
+sessions counted in ARCHIVED for good, keep_last ranking archived sessions by their archive, a
+hook name that broke every Prometheus scrape, and dict/list subclasses refused. Two guard the
+fixes' edges and passed before too: keep_last's population per run, and isolate mode's one log
+record per failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, defaultdict, namedtuple
+from typing import Any
+
+import pytest
+from _helpers import Backend
+from sqlalchemy.engine import make_url
+
+from sessionledger import (
+    InvalidArgument,
+    RetentionPolicy,
+    SessionConfig,
+    SessionEngine,
+    SessionEvent,
+    SessionStatus,
+    StorageError,
+    SubscriberFailed,
+)
+from sessionledger.projections.hooks import HookFailed
+
+
+def test_an_async_durable_handler_is_refused(engine: SessionEngine) -> None:
+    async def mailer(event: SessionEvent) -> None:  # calling it runs nothing
+        raise AssertionError("never awaited")
+
+    class AsyncCallable:
+        async def __call__(self, event: SessionEvent) -> None:
+            raise AssertionError("never awaited")
+
+    for handler in (mailer, AsyncCallable()):
+        with pytest.raises(InvalidArgument, match="async subscribers are not supported"):
+            engine.subscribe("mailer", handler)
+    assert "mailer" not in {s.name for s in engine.subscribers()}
+
+
+def _lock_timeout(backend: Backend) -> str:
+    """The backend's URL, with a lock timeout on PostgreSQL: a wait for itself fails the test
+    after 10 s instead of hanging it."""
+    if backend.pg_schema is None:
+        return backend.url
+    options = f"-csearch_path={backend.pg_schema} -clock_timeout=10s"
+    return make_url(backend.url).update_query_dict({"options": options}).render_as_string(
+        hide_password=False)
+
+
+def test_a_transactional_handler_running_its_own_subscriber_is_refused(
+    backend: Backend,
+) -> None:
+    with SessionEngine(_lock_timeout(backend)) as engine:
+        engine.create("x")
+        nested: list[BaseException] = []
+
+        def handler(event: SessionEvent, connection: Any) -> None:
+            try:
+                engine.run_subscribers(until_idle=True)
+            except StorageError as error:
+                nested.append(error)
+                raise
+
+        engine.subscribe("nested", handler, transactional=True)
+        with pytest.raises(SubscriberFailed):
+            engine.run_subscribers(until_idle=True)
+        assert nested and "would wait for itself" in str(nested[0])
+        # nothing moved: the batch rolled back, and the subscriber runs once the handler
+        # stops calling back
+        status = {s.name: s for s in engine.subscribers()}["nested"]
+        assert status.position == 0 and status.lag == 1
+
+
+def test_hook_failed_lists_the_failures_of_queued_events_too() -> None:
+    config = SessionConfig(hook_errors="raise", lifecycle_hooks=False)
+    with SessionEngine("sqlite://", config) as engine:
+        sid = engine.create("s")
+
+        def strict(event: SessionEvent) -> None:
+            if event.type == "StateChanged":
+                if event.data["set"].get("n") == 1:
+                    engine.update(event.session_id, {"n": 2})  # queued behind this delivery
+                raise RuntimeError(f"failed on {event.version}")
+
+        engine.hooks.subscribe(strict)
+        with pytest.raises(HookFailed) as raised:
+            engine.update(sid, {"n": 1})
+        failures = raised.value.failures
+        assert [event.version for _, event, _ in failures] == [2, 3]
+        assert engine.hooks.errors == 2
+        assert isinstance(raised.value.__cause__, RuntimeError)
+        assert str(raised.value.__cause__) == "failed on 2"
+        assert "and 1 more hook failure" in str(raised.value)
+
+
+def test_a_purged_archived_session_leaves_the_archived_count(engine: SessionEngine) -> None:
+    ids = [engine.create(f"s{i}") for i in range(3)]
+    for sid in ids:
+        engine.end(sid, outcome="completed")
+        engine.archive(sid)
+    assert engine.metrics()["sessions"]["ARCHIVED"] == 3
+    report = engine.cleanup(RetentionPolicy(max_age=0, purge=True))
+    assert sorted(report.session_ids) == sorted(ids)
+    figures = engine.metrics()["sessions"]
+    assert figures["ARCHIVED"] == 0 and sum(figures.values()) == 0
+    assert 'sessionledger_sessions{status="ARCHIVED"} 0.0' in engine.metrics(format="prometheus")
+
+
+def test_keep_last_keeps_the_sessions_that_ended_last_in_a_purge_run(
+    engine: SessionEngine,
+) -> None:
+    ids = [engine.create(f"s{i}") for i in range(5)]
+    for sid in ids:
+        engine.end(sid, outcome="completed")
+    archived = engine.cleanup(RetentionPolicy(keep_last=2))
+    assert sorted(archived.session_ids) == sorted(ids[:3])
+    # archived later than s3 and s4 ended: they still ended first
+    purged = engine.cleanup(RetentionPolicy(keep_last=2, purge=True))
+    assert sorted(purged.session_ids) == sorted(ids[:3])
+    assert [engine.get(sid).status for sid in ids[3:]] == [SessionStatus.COMPLETED] * 2
+
+
+def test_keep_last_counts_the_run_s_own_population(engine: SessionEngine) -> None:
+    ids = [engine.create(f"s{i}") for i in range(4)]
+    for sid in ids:
+        engine.end(sid, outcome="failed")
+    engine.archive(ids[3])  # the one that ended last is archived already
+    # an archive run judges unarchived ended sessions: the newest two of those stay
+    run = engine.cleanup(RetentionPolicy(keep_last=2, dry_run=True))
+    assert run.session_ids == [ids[0]]
+    # a purge run judges archived ones too
+    run = engine.cleanup(RetentionPolicy(keep_last=2, purge=True, dry_run=True))
+    assert sorted(run.session_ids) == sorted(ids[:2])
+    # more to keep than there are: nothing to do, and keep_last=0 keeps none
+    assert engine.cleanup(RetentionPolicy(keep_last=10, purge=True)).session_ids == []
+    run = engine.cleanup(RetentionPolicy(keep_last=0, purge=True, dry_run=True))
+    assert sorted(run.session_ids) == sorted(ids)
+
+
+def test_a_hook_name_that_would_break_prometheus_is_refused(memory_engine: SessionEngine) -> None:
+    for name in ("audit-\udcff", " ", "x\x00y", "n" * 300):
+        with pytest.raises(InvalidArgument, match="hook name"):
+            memory_engine.hooks.subscribe(lambda event: None, name=name)
+    memory_engine.hooks.subscribe(lambda event: None, name="audit-é")
+    memory_engine.create("s")
+    assert 'hook="audit-é"' in memory_engine.metrics(format="prometheus")
+
+
+def test_dict_list_tuple_and_bytes_subclasses_are_stored_as_their_base_type(
+    engine: SessionEngine,
+) -> None:
+    Point = namedtuple("Point", "x y")
+
+    class Steps(list[int]):
+        def __iter__(self) -> Any:  # not what is stored: the list's own items are
+            return iter([0])
+
+    class Blob(bytes):
+        def __bytes__(self) -> bytes:
+            return b"not this"
+
+    state = {"ordered": OrderedDict(b=1, a=2), "default": defaultdict(list, k=[1]),
+             "point": Point(1, 2), "steps": Steps([1, 2]), "blob": Blob(b"raw")}
+    expected = {"ordered": {"b": 1, "a": 2}, "default": {"k": [1]}, "point": [1, 2],
+                "steps": [1, 2], "blob": b"raw"}
+    sid = engine.create("s", state=state)
+    engine.update(sid, OrderedDict(more=OrderedDict(x=[Point(3, 4)])))
+    expected["more"] = {"x": [[3, 4]]}
+    held = engine.get(sid).state
+    assert held == expected and type(held["ordered"]) is dict and type(held["blob"]) is bytes
+    assert engine.get(sid, refresh=True).state == expected
+    assert engine.verify(sid).ok
+
+
+def test_a_failed_hook_is_still_logged_once_in_isolate_mode(
+    memory_engine: SessionEngine, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # (the merge of raise-mode failures must not change isolate mode: one record per failure)
+    def failing(event: SessionEvent) -> None:
+        raise RuntimeError("boom")
+
+    memory_engine.hooks.subscribe(failing, events=["StateChanged"])
+    sid = memory_engine.create("s")
+    with caplog.at_level(logging.ERROR):
+        memory_engine.update(sid, {"a": 1})
+    assert sum("boom" in r.getMessage() or "boom" in str(r.exc_info) for r in caplog.records) == 1
