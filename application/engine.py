@@ -167,8 +167,9 @@ class SessionEngine:
         return self._store.dialect
 
     def close(self) -> None:
-        """Stop the background subscriber runners this engine started and release the
-        database connection. The engine cannot be used afterwards."""
+        """Stop the background subscriber runners this engine started (waiting up to 10 s for
+        each: a runner whose handler still runs then is left to end its batch, with a logged
+        warning) and release the database connection. The engine cannot be used afterwards."""
         # outside the lock: a runner takes it to list its subscribers
         for runner in self._runners:
             runner.stop()

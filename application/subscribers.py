@@ -274,10 +274,18 @@ class SubscriberThread:
         """True until stop() (or a fatal error) ended the thread."""
         return self._thread.is_alive()
 
-    def stop(self, timeout: float | None = 10.0) -> None:
-        """Ask the runner to stop after its current batch, and wait for it."""
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """Ask the runner to stop after its current batch, and wait for it (at most `timeout`
+        seconds; None: for as long as it takes). True when it has stopped; False when its
+        batch still runs (a handler that blocks): that batch may still commit, and the runner
+        stops after it. A warning is logged then."""
         self._stopping.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the subscriber runner did not stop within %s s: a handler still runs, "
+                        "and its batch may still commit", timeout)
+            return False
+        return True
 
     def __enter__(self) -> SubscriberThread:
         return self

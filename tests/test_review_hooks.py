@@ -193,3 +193,26 @@ def test_a_failed_hook_is_still_logged_once_in_isolate_mode(
     with caplog.at_level(logging.ERROR):
         memory_engine.update(sid, {"a": 1})
     assert sum("boom" in r.getMessage() or "boom" in str(r.exc_info) for r in caplog.records) == 1
+
+
+def test_stop_says_whether_the_runner_stopped(
+    backend: Backend, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import threading
+
+    release = threading.Event()
+    entered = threading.Event()
+    with SessionEngine(backend.url) as engine:
+        def blocking(event: SessionEvent) -> None:
+            entered.set()
+            release.wait(10)
+
+        engine.subscribe("slow", blocking)
+        engine.create("s")
+        runner = engine.run_subscribers()
+        assert entered.wait(10)
+        with caplog.at_level(logging.WARNING, logger="sessionledger.subscribers"):
+            assert runner.stop(timeout=0.1) is False
+        assert any("did not stop" in r.getMessage() for r in caplog.records)
+        release.set()
+        assert runner.stop(timeout=10) is True and not runner.running
