@@ -38,6 +38,7 @@ from .cli_audit import (
     table,
 )
 from .engine import SessionEngine
+from .parallel_verify import MAX_WORKERS
 from .retention import RetentionPolicy
 from .verify import VerifyReport
 
@@ -131,7 +132,11 @@ def cmd_cleanup(engine: SessionEngine, args: argparse.Namespace) -> None:
 
 
 def cmd_verify(engine: SessionEngine, args: argparse.Namespace) -> int:
-    report = engine.verify(args.session_id)
+    # the console script guards its entry point: its workers do not run it again
+    workers = args.workers
+    if workers is None and args.session_id is None:
+        workers = engine._auto_verify_workers(reruns_main=False)
+    report = engine.verify(args.session_id, workers=workers)
     if args.json:
         print(json.dumps(_verify_dict(report), indent=2))
     else:
@@ -335,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = verbs.add_parser("verify", parents=[common],
                               help="check hash chains and snapshots; exit 2 on a problem")
     verify.add_argument("session_id", metavar="ID", nargs="?", help="one session (default all)")
+    verify.add_argument("--workers", metavar="N",
+                        type=count_option("--workers", least=1, most=MAX_WORKERS),
+                        help="processes to check the log with (default: up to 4 for a log of "
+                             "more than 200,000 events)")
     verify.set_defaults(run=cmd_verify)
 
     rebuild = verbs.add_parser("rebuild", parents=[common],

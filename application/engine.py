@@ -50,7 +50,7 @@ from .catalog import REBUILD_TRACKING as REBUILD_NAME
 from .catalog import Catalog, Page, ProjectionOutdated
 from .catalog import Progress as RebuildProgress
 from .config import SessionConfig
-from .parallel_verify import verify_in_processes
+from .parallel_verify import MAX_WORKERS, spawn_reruns_main, verify_in_processes
 from .repository import SessionRepository
 from .retention import CleanupReport, RetentionPolicy, last_ended
 from .subscribers import (
@@ -751,19 +751,22 @@ class SessionEngine:
         `session_id` (the audit issue's), and passing both is an InvalidArgument. `workers` > 1
         checks the sessions in that many processes (this one included), which take pieces of
         the log (by session id) as they get free; by default a log of more than 200,000 events
-        on a file or server database uses up to 4 (the CPUs there are).
+        on a file or server database uses up to 4 (the CPUs there are), unless each worker
+        would run the main module's top level again (a script: multiprocessing's spawn
+        imports it in every worker). Pass `workers` from a script whose entry point is guarded
+        by ``if __name__ == "__main__":``.
         """
         if sid is not None:
             if session_id is not None:
                 raise InvalidArgument("pass the session as session_id or as sid, not both")
             session_id = sid
         sid = None if session_id is None else parse_session_id(session_id)
-        if workers is not None and (type(workers) is not int or workers < 1):
-            raise InvalidArgument(f"workers must be an int >= 1, got {workers!r}")
+        if workers is not None and (type(workers) is not int or not 1 <= workers <= MAX_WORKERS):
+            raise InvalidArgument(f"workers must be an int from 1 to {MAX_WORKERS}, got "
+                                  f"{workers!r}")
         shared = not self._store.single_connection
         if workers is None:
-            big = shared and self._subscriptions.head() > _PARALLEL_VERIFY_FROM
-            workers = min(os.cpu_count() or 1, 4) if big else 1
+            workers = self._auto_verify_workers(spawn_reruns_main())
         verifier = Verifier(self._store, self._codec, self._repository)
         if sid is not None:
             report = verifier.run(sid)
@@ -777,6 +780,15 @@ class SessionEngine:
         report, closer = verify_in_processes(verifier, self._store, url, config, workers)
         self._verify_closers = [t for t in self._verify_closers if t.is_alive()] + [closer]
         return report
+
+    def _auto_verify_workers(self, reruns_main: bool) -> int:
+        """How many processes verify() uses when not told: several for a big log on a file or
+        server database, where spawned workers do not run the main module again."""
+        if reruns_main or self._store.single_connection:
+            return 1
+        if self._subscriptions.head() <= _PARALLEL_VERIFY_FROM:
+            return 1
+        return min(os.cpu_count() or 1, 4)
 
     # -- observability -------------------------------------------------------------------------
 

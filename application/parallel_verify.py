@@ -7,6 +7,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -21,8 +22,24 @@ from .verify import Verifier, VerifyReport, merge, run_pieces, shards
 #: the processes finish close together (500,000 events on 2 CPUs: 8 pieces a process 2.23-2.25
 #: µs an event, 32 pieces 2.15-2.19), large enough that a piece's two queries do not count
 _VERIFY_PIECES_PER_PROCESS = 32
+#: the most processes a verify() may be asked for
+MAX_WORKERS = 64
 #: a verify worker process's share of the piece counter (set as the process starts)
 _verify_counter: Any = None
+
+
+def spawn_reruns_main() -> bool:
+    """True when a spawned process would run the main module's top level again: the main
+    module is a file (a script, or `python -m module`), which multiprocessing's spawn imports in
+    each worker to find what was defined there. A script without an ``if __name__ ==
+    "__main__":`` guard then does all it did once more in every worker (its writes too). Not for
+    a package's __main__ (spawn leaves those alone) or an interactive session."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(main, "__file__", None) is None:
+        return False
+    spec = getattr(main, "__spec__", None)
+    name = getattr(spec, "name", None) or ""
+    return not (name == "__main__" or name.endswith(".__main__"))
 
 
 def start_worker(counter: Any) -> None:

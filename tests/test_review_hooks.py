@@ -16,7 +16,7 @@ from collections import OrderedDict, defaultdict, namedtuple
 from typing import Any
 
 import pytest
-from _helpers import Backend
+from _helpers import Backend, Cli
 from sqlalchemy.engine import make_url
 
 from sessionledger import (
@@ -216,3 +216,62 @@ def test_stop_says_whether_the_runner_stopped(
         assert any("did not stop" in r.getMessage() for r in caplog.records)
         release.set()
         assert runner.stop(timeout=10) is True and not runner.running
+
+
+def test_verify_from_an_unguarded_script_stays_in_one_process(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "app.py"
+    script.write_text(textwrap.dedent("""
+        import sessionledger.engine
+        from sessionledger import SessionEngine
+        sessionledger.engine._PARALLEL_VERIFY_FROM = 0  # any log is "big"
+        engine = SessionEngine("sqlite:///app.db")
+        engine.create("made-by-app")  # the script's own work: once
+        print("ok" if engine.verify().ok else "problems")
+        engine.close()
+    """))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    assert "RuntimeError" not in done.stderr
+    with SessionEngine(f"sqlite:///{tmp_path / 'app.db'}") as engine:
+        assert len(engine.list_sessions()) == 1
+
+
+def test_spawn_reruns_main_tells_scripts_from_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    from sessionledger.parallel_verify import spawn_reruns_main
+
+    def main_module(file: str | None, spec_name: str | None) -> types.ModuleType:
+        module = types.ModuleType("__main__")
+        if file is not None:
+            module.__file__ = file
+        module.__spec__ = (None if spec_name is None
+                           else types.SimpleNamespace(name=spec_name))  # type: ignore[assignment]
+        return module
+
+    for file, spec_name, reruns in (("/x/app.py", None, True), ("/x/tool.py", "tool", True),
+                                    ("/x/pkg/__main__.py", "pkg.__main__", False),
+                                    (None, None, False)):
+        monkeypatch.setitem(sys.modules, "__main__", main_module(file, spec_name))
+        assert spawn_reruns_main() is reruns, (file, spec_name)
+
+
+def test_verify_workers_are_bounded(memory_engine: SessionEngine) -> None:
+    for workers in (0, 65, 2**70, 2.0, True):
+        with pytest.raises(InvalidArgument, match="workers must be an int from 1 to 64"):
+            memory_engine.verify(workers=workers)
+
+
+def test_cli_verify_takes_workers(cli: Cli, backend: Backend) -> None:
+    with SessionEngine(backend.url) as engine:
+        for i in range(3):
+            engine.update(engine.create(f"s{i}"), {"i": i})
+    assert cli.ok("verify", "--workers", "2").startswith("checked 3 sessions, 6 events")
+    cli.fails("verify", "--workers", "0", match="--workers")
+    cli.fails("verify", "--workers", "65", match="--workers")
