@@ -30,9 +30,10 @@ from sessionledger.domain.events import (
 )
 from sessionledger.domain.values import (
     MAX_LABEL_LENGTH,
+    MAX_TAGS,
     checked_text,
-    decimal_digits,
     is_canonical_id,
+    small_count,
 )
 from sessionledger.infrastructure.catalog_store import (
     NEXT,
@@ -237,8 +238,8 @@ class Catalog:
         value = self.tables.get_meta(VERSION_KEY)
         if value is None:
             return None
-        text = str(value)
-        return int(text) if decimal_digits(text) else -1
+        number = small_count(str(value))
+        return -1 if number is None else number
 
     def built_by_newer(self) -> bool:
         """True when a newer release's projection built the stored catalog."""
@@ -330,7 +331,7 @@ class Catalog:
 
     def _swaps(self, conn: Connection | None = None) -> int:
         text = str(self.tables.get_meta(SWAPS_KEY, conn) or "")
-        return int(text) if decimal_digits(text) and len(text) < 19 else 0
+        return small_count(text) or 0
 
     def _window_reader(self) -> contextlib.AbstractContextManager[TotalsPrefetcher | None]:
         """A reader of the next window's totals, or None on an in-memory SQLite database (one
@@ -440,26 +441,30 @@ def _statuses(status: object) -> list[str] | None:
     if not out:
         raise InvalidArgument("status is an empty list, which no session matches: pass None "
                               "for every status")
-    return out
+    return sorted(set(out))
 
 
 def _tags(tags: object) -> list[str] | None:
     if tags is None:
         return None
     if isinstance(tags, str):
-        return [tags]
+        tags = [tags]
     if not isinstance(tags, list | tuple | set | frozenset) or not all(
         isinstance(t, str) for t in tags
     ):
-        raise InvalidArgument(f"tags must be a list of str, got {tags!r}")
+        raise InvalidArgument(f"tags must be a list of str, got {str(tags)[:80]}")
     # each one a tag could be (valid Unicode, no control characters), or InvalidArgument
-    return sorted({checked_text(tag, "tag", MAX_LABEL_LENGTH) for tag in tags})
+    wanted = sorted({checked_text(tag, "tag", MAX_LABEL_LENGTH) for tag in tags})
+    if len(wanted) > MAX_TAGS:  # (a filter clause each: no session has that many)
+        raise InvalidArgument(f"find() takes at most {MAX_TAGS} tags (a session's most)")
+    return wanted
 
 
 def _decode_cursor(cursor: str | None) -> tuple[int, str] | None:
     if cursor is None:
         return None
-    micros, _, sid = str(cursor).partition(".")
-    if not (decimal_digits(micros) and int(micros) <= MAX_MICROS and is_canonical_id(sid)):
-        raise InvalidArgument(f"invalid cursor {cursor!r}: pass a Page.next_cursor")
-    return int(micros), sid
+    text, _, sid = str(cursor).partition(".")
+    micros = small_count(text)
+    if micros is None or micros > MAX_MICROS or not is_canonical_id(sid):
+        raise InvalidArgument(f"invalid cursor {str(cursor)[:80]!r}: pass a Page.next_cursor")
+    return micros, sid

@@ -23,6 +23,10 @@ MAX_INT = 2**64 - 1
 MAX_DEPTH = 100
 MAX_NAME_LENGTH = 256
 MAX_LABEL_LENGTH = 256
+#: a session's tags, and their characters together: what one catalog row holds for display
+#: (their JSON, each " or \ escaped, stays within its 8,192 characters on older databases)
+MAX_TAGS = 64
+MAX_TAGS_TEXT = 2048
 
 #: where a value sits, built only when a message needs it: the root's name, or (parent, key)
 #: with a str key of a dict or an int index of a list (a tuple costs a third of the f-string
@@ -35,6 +39,13 @@ def decimal_digits(text: str) -> bool:
     (str.isdigit() also accepts digits such as '²' that int() refuses, and int() accepts
     '١٢', '+1' and '1_000', none of which this engine writes.)"""
     return text.isascii() and text.isdigit()
+
+
+def small_count(text: str, max_digits: int = 18) -> int | None:
+    """The number `text` writes in at most `max_digits` ASCII digits (18: any int64), or None:
+    stored and passed-in counts (versions, positions, times) are never longer, and int() of
+    4,300 digits or more raises ValueError."""
+    return int(text) if len(text) <= max_digits and decimal_digits(text) else None
 
 
 def utf8_encodable(text: str) -> bool:
@@ -226,16 +237,24 @@ def checked_optional_text(value: Any, what: str, max_length: int = MAX_NAME_LENG
 
 
 def checked_tags(value: Any) -> list[str]:
-    """A list of distinct non-empty tags, order kept."""
+    """A list of distinct non-empty tags, order kept: at most MAX_TAGS of them, of at most
+    MAX_TAGS_TEXT characters together."""
     if value is None:
         return []
     if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
         raise InvalidArgument(f"tags must be a list of str, got {type(value).__name__}")
     tags: list[str] = []
+    seen: set[str] = set()
     for tag in value:
         text = checked_text(tag, "tag", MAX_LABEL_LENGTH)
-        if text not in tags:
+        if text not in seen:
+            seen.add(text)
             tags.append(text)
+            if len(tags) > MAX_TAGS:
+                raise InvalidArgument(f"a session has at most {MAX_TAGS} tags")
+    if sum(map(len, tags)) > MAX_TAGS_TEXT:
+        raise InvalidArgument(
+            f"the tags are {sum(map(len, tags))} characters together, at most {MAX_TAGS_TEXT}")
     return tags
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 
@@ -110,7 +111,9 @@ def catalog_tables(target: MetaData, suffix: str = "") -> tuple[Table, Table]:
         Column("version", Integer, nullable=False),
         Column("event_count", Integer, nullable=False),
         Column("last_checkpoint", String(256)),
-        Column("tags", String(8192), nullable=False),  # the tags as a JSON list, for display
+        # the tags as a JSON list, for display (unbounded: a catalog made before a session's
+        # tags were bounded holds at most 8,192 characters here until it is rebuilt)
+        Column("tags", Text, nullable=False),
         # SQLite: the rows in their key's own B-tree, not in a rowid table beside a key index
         # (here and in the tag table: a write touches one tree instead of two; a 500,000-event
         # rebuild 1.59-1.76 -> 1.51-1.65 s, alternating runs). find() reads pages in two steps

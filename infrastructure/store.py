@@ -24,7 +24,7 @@ from sqlalchemy.pool import QueuePool, StaticPool
 
 from sessionledger.domain.errors import CorruptedData, StorageError
 from sessionledger.domain.events import stored_version
-from sessionledger.domain.values import decimal_digits, utf8_encodable
+from sessionledger.domain.values import small_count, utf8_encodable
 
 from . import schema
 from .codec import EventRow, StoredEvent, blob
@@ -306,12 +306,12 @@ class EventStore:
         return None if value is None else self._schema_number(value)
 
     def _schema_number(self, value: object) -> int:
-        text = str(value)
-        if not decimal_digits(text):
+        number = small_count(str(value))
+        if number is None:
             raise StorageError(
-                f"database {safe_url(self.url)} records schema version {value!r}, which is "
-                "not a number: not a sessionledger database, or a damaged one")
-        return int(text)
+                f"database {safe_url(self.url)} records schema version {str(value)[:40]!r}, "
+                "which is not a schema version: not a sessionledger database, or a damaged one")
+        return number
 
     @contextlib.contextmanager
     def storage_errors(self, doing: str) -> Iterator[None]:

@@ -126,7 +126,7 @@ def test_url_and_json_before_or_after_the_verb(cli: Cli, url: str, tmp_path: obj
 
 
 @pytest.mark.parametrize("argv", [
-    ["verify", "--workers", "2"],
+    ["verify", "--no-such-flag", "2"],
     ["--url", "sqlite://", "no-verb"],
     [],
     ["show"],

@@ -11,6 +11,7 @@ record per failure.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict, defaultdict, namedtuple
 from typing import Any
@@ -275,3 +276,59 @@ def test_cli_verify_takes_workers(cli: Cli, backend: Backend) -> None:
     assert cli.ok("verify", "--workers", "2").startswith("checked 3 sessions, 6 events")
     cli.fails("verify", "--workers", "0", match="--workers")
     cli.fails("verify", "--workers", "65", match="--workers")
+
+
+# -- review round 7, docs and inputs --------------------------------------------------------
+
+
+def test_tags_are_bounded_so_the_catalog_row_always_holds_them(engine: SessionEngine) -> None:
+    with pytest.raises(InvalidArgument, match="at most 64 tags"):
+        engine.create("many", tags=[f"t{i}" for i in range(65)])
+    with pytest.raises(InvalidArgument, match="characters together, at most 2048"):
+        engine.create("long", tags=["x" * 253 + f"{i:03d}" for i in range(40)])
+    # the most there can be, every character one JSON escapes: the catalog holds them all
+    worst = [(('"' if i % 2 else "\\") * 31) + f"{i:01x}"[-1] for i in range(64)]
+    worst = [f"{i:02d}" + tag[2:] for i, tag in enumerate(worst)]
+    assert len(set(worst)) == 64 and sum(map(len, worst)) == 2048
+    assert len(json.dumps(worst, ensure_ascii=False)) <= 8192  # a catalog made before the bound
+    sid = engine.create("worst", tags=worst)
+    engine.create("after")
+    found = {summary.id: summary for summary in engine.find(limit=10)}
+    assert found[sid].tags == worst
+    assert [s.id for s in engine.find(tags=[worst[5], worst[63]])] == [sid]
+    assert engine.verify().ok
+
+
+def test_find_checks_a_single_tag_and_bounds_the_filters(engine: SessionEngine) -> None:
+    engine.create("s", tags=["a"])
+    for bad in ("x\x00y", "", "a\udcff", "t" * 300):
+        with pytest.raises(InvalidArgument, match="tag"):
+            engine.find(tags=bad)
+        with pytest.raises(InvalidArgument, match="tag"):
+            engine.find(tags=[bad])
+    with pytest.raises(InvalidArgument, match="at most 64 tags"):
+        engine.find(tags=[f"t{i}" for i in range(65)])
+    assert len(engine.find(tags="a")) == 1
+    # duplicates collapse: one clause, not 70,000
+    assert len(engine.find(status=["ACTIVE"] * 70_000, tags=["a"] * 1000)) == 1
+
+
+def test_a_cursor_or_a_stored_count_of_thousands_of_digits_is_refused_clearly(
+    engine: SessionEngine, tmp_path: Any,
+) -> None:
+    import sqlite3
+
+    from sessionledger.cli import main
+
+    engine.create("s")
+    with pytest.raises(InvalidArgument, match="invalid cursor"):
+        engine.find(cursor="9" * 5000 + ".x")
+    assert main(["ls", "--cursor", "9" * 5000, "--url", "sqlite://"]) == 1
+
+    path = tmp_path / "meta.db"
+    with SessionEngine(f"sqlite:///{path}") as damaged:
+        damaged.create("x")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE sl_meta SET value = ? WHERE key = 'schema_version'", ("9" * 5000,))
+    with pytest.raises(StorageError, match="not a schema version"):
+        SessionEngine(f"sqlite:///{path}")

@@ -474,6 +474,11 @@ store("text-not-a-str", "a name, label, kind or tag that is None or an int", Inv
 store("text-tags-not-a-list", "create(tags=) given a dict or a str", InvalidArgument,
       {"dict": (lambda w: w.engine.create("n", tags={"a": 1}), None),
        "str": (lambda w: w.engine.create("n", tags="abc"), None)})
+store("text-too-many-tags", "create(tags=) with 65 tags, or 2,049 characters of tags together",
+      InvalidArgument,
+      {"65-tags": (lambda w: w.engine.create("n", tags=[f"t{i}" for i in range(65)]), None),
+       "2049-chars": (lambda w: w.engine.create(
+           "n", tags=["x" * 200 + f"{i:02d}" for i in range(10)] + ["y" * 29]), None)})
 
 # duplicate checkpoint label ---------------------------------------------------------------------
 
