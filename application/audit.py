@@ -22,13 +22,12 @@ from uuid import UUID
 
 from sessionledger.domain.errors import InvalidArgument, SessionNotFound
 from sessionledger.domain.events import (
-    EVENT_TYPES,
     SESSION_STARTED,
     SessionEvent,
+    checked_event_types,
     event_time,
     to_datetime,
     to_micros,
-    unknown_event_types,
 )
 from sessionledger.domain.session import Session
 from sessionledger.domain.values import parse_session_id
@@ -97,23 +96,8 @@ def _window(since: object, until: object) -> tuple[int | None, int | None]:
 
 def checked_types(types: object) -> frozenset[str] | None:
     """The event types to keep (None: all), each one of EVENT_TYPES; a str is one type.
-
-    InvalidArgument naming the unknown ones.
-    """
-    if types is None:
-        return None
-    names: list[Any] = [types] if isinstance(types, str) else []
-    if not names:
-        if not isinstance(types, Iterable):
-            raise InvalidArgument(f"types must be a list of event types, got {types!r}")
-        names = list(types)
-    unknown = unknown_event_types(names)
-    if unknown:
-        raise InvalidArgument(
-            f"unknown event type{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(repr(n) for n in unknown)}: expected {', '.join(sorted(EVENT_TYPES))}"
-        )
-    return frozenset(names)
+    InvalidArgument naming the unknown ones, or for an empty list."""
+    return checked_event_types(types, "types", one_str=True)
 
 
 def _checked_version(value: object, what: str, low: int, latest: int, sid: str) -> int:

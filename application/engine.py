@@ -30,7 +30,7 @@ from sessionledger.domain.events import (
 )
 from sessionledger.domain.session import PendingEvent, Session
 from sessionledger.domain.status import ENDED, SessionStatus
-from sessionledger.domain.values import parse_session_id
+from sessionledger.domain.values import checked_flag, parse_session_id
 from sessionledger.infrastructure.catalog_store import CatalogStore
 from sessionledger.infrastructure.codec import EventCodec
 from sessionledger.infrastructure.store import (
@@ -387,7 +387,7 @@ class SessionEngine:
         """
         sid = parse_session_id(session_id)
         with self._lock:
-            if refresh:
+            if checked_flag(refresh, "refresh"):
                 self._writer.forget(sid)
             session, _, cached = self._writer.loaded(sid)
             if not cached and self.config.max_active_sessions == 0:
@@ -506,8 +506,7 @@ class SessionEngine:
         text, types = checked_subscription(name, handler, events)
         if text in (CATALOG_NAME, REBUILD_NAME):
             raise InvalidArgument(f"subscriber name {text!r} is reserved")
-        if type(transactional) is not bool:  # "no" would read as True
-            raise InvalidArgument(f"transactional must be a bool, got {transactional!r}")
+        checked_flag(transactional, "transactional")
         with self._lock:
             self._durable[text] = HandlerSubscriber(
                 text, handler, types, transactional, self._codec.payloads
@@ -544,7 +543,7 @@ class SessionEngine:
             raise InvalidArgument(
                 f"batch_size must be an int in 1..{MAX_BATCH:,}, got {batch_size!r}")
         runner = SubscriberRunner(self._subscriptions, batch_size)
-        if until_idle:
+        if checked_flag(until_idle, "until_idle"):
             delivered = {}
             for consumer in self._consumers():
                 delivered[consumer.name] = runner.catch_up(consumer)

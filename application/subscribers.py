@@ -26,8 +26,8 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection
 
-from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
-from sessionledger.domain.events import EVENT_TYPES, SessionEvent, event_time, unknown_event_types
+from sessionledger.domain.errors import SessionLedgerError
+from sessionledger.domain.events import SessionEvent, checked_event_types, event_time
 from sessionledger.domain.values import checked_text
 from sessionledger.infrastructure.codec import PayloadCodec, blob
 from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStore, Waker
@@ -132,17 +132,8 @@ def checked_subscription(
     text = checked_text(name, "subscriber name")
     checked_plain_callable(handler, f"handler of subscriber {text!r}",
                            "async subscribers are not supported")
-    if events is None:
-        return text, None
-    if isinstance(events, str) or not hasattr(events, "__iter__"):
-        raise InvalidArgument("events must be a list of event type names")
-    listed = list(events)
-    unknown = unknown_event_types(listed)
-    if unknown or not listed:
-        raise InvalidArgument(
-            f"unknown event types {unknown}: expected some of {sorted(EVENT_TYPES)}"
-        )
-    return text, tuple(sorted(set(listed)))
+    wanted = checked_event_types(events, "events")
+    return text, None if wanted is None else tuple(sorted(wanted))
 
 
 class SubscriberRunner:

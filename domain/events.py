@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
-from .errors import CorruptedData
+from .errors import CorruptedData, InvalidArgument
 
 SESSION_STARTED = "SessionStarted"
 STATE_CHANGED = "StateChanged"
@@ -45,9 +45,33 @@ EVENT_SCHEMAS: dict[str, int] = {
 EVENT_TYPES = frozenset(EVENT_SCHEMAS)
 
 
-def unknown_event_types(names: list[Any]) -> list[Any]:
-    """The items of `names` that are no event type name (unhashable ones included)."""
-    return [name for name in names if not isinstance(name, str) or name not in EVENT_TYPES]
+def checked_event_types(value: object, what: str, *, one_str: bool = False
+                        ) -> frozenset[str] | None:
+    """The event type names a filter `what` keeps (None: every type). InvalidArgument for a
+    name that is no event type, for an empty list (it would keep nothing: None means all), and
+    for a bare str unless `one_str` (then it is one name)."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes):
+        if not one_str or isinstance(value, bytes):
+            raise InvalidArgument(f"{what} must be a list of event type names, not a single "
+                                  f"{type(value).__name__} (write {what}=[{value!r}])")
+        names: list[Any] = [value]
+    else:
+        try:
+            names = list(value)  # type: ignore[call-overload]
+        except TypeError:
+            raise InvalidArgument(f"{what} must be a list of event type names, got "
+                                  f"{type(value).__name__}") from None
+    unknown = [name for name in names if not isinstance(name, str) or name not in EVENT_TYPES]
+    if unknown:
+        raise InvalidArgument(
+            f"unknown event type{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(n) for n in unknown)}: expected {', '.join(sorted(EVENT_TYPES))}")
+    if not names:
+        raise InvalidArgument(f"{what} is an empty list, which keeps no event: pass None for "
+                              "every type")
+    return frozenset(names)
 
 #: a checked, decoded event of one stream, as storage hands it to projections:
 #: (version, type, ts in microseconds, actor, correlation_id, schema version, data)

@@ -41,6 +41,13 @@ def decimal_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def checked_flag(value: object, what: str) -> bool:
+    """A yes/no argument, which must be a bool: "no" or 0 would read as what they are not."""
+    if type(value) is not bool:
+        raise InvalidArgument(f"{what} must be a bool, got {value!r}")
+    return value
+
+
 def small_count(text: str, max_digits: int = 18) -> int | None:
     """The number `text` writes in at most `max_digits` ASCII digits (18: any int64), or None:
     stored and passed-in counts (versions, positions, times) are never longer, and int() of

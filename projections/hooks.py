@@ -25,7 +25,7 @@ from types import TracebackType
 from uuid import UUID
 
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
-from sessionledger.domain.events import EVENT_TYPES, SessionEvent, unknown_event_types
+from sessionledger.domain.events import SessionEvent, checked_event_types
 from sessionledger.domain.values import checked_text, parse_session_id
 
 __all__ = [
@@ -83,32 +83,6 @@ def hook_name(handler: object) -> str:
         qualname = type(handler).__qualname__
     module = getattr(handler, "__module__", None)
     return f"{module}.{qualname}" if isinstance(module, str) and module else qualname
-
-
-def _event_filter(events: Iterable[str] | None) -> frozenset[str] | None:
-    if events is None:
-        return None
-    if isinstance(events, (str, bytes)):
-        raise InvalidArgument(
-            f"events must be an iterable of event type names, not a single {type(events).__name__}"
-            f" (write events=[{events!r}])"
-        )
-    try:
-        names = list(events)
-    except TypeError:
-        raise InvalidArgument(
-            f"events must be an iterable of event type names, got {type(events).__name__}"
-        ) from None
-    unknown = unknown_event_types(names)
-    if unknown:
-        raise InvalidArgument(
-            f"unknown event type{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(map(repr, unknown))}; known types: {', '.join(sorted(EVENT_TYPES))}"
-        )
-    if not names:
-        # A hook that can never fire is almost certainly a mistake (events=None means "all").
-        raise InvalidArgument("events is empty: the hook would never run (events=None means all)")
-    return frozenset(names)
 
 
 def _session_filter(sessions: Iterable[str | UUID] | None) -> frozenset[str] | None:
@@ -265,7 +239,7 @@ class HookRegistry:
         # (a name goes into log records and Prometheus labels: text that encodes)
         name = hook_name(handler) if name is None else checked_text(name, "hook name")
         subscription = HookSubscription(
-            self, handler, name, _event_filter(events), _session_filter(sessions)
+            self, handler, name, checked_event_types(events, "events"), _session_filter(sessions)
         )
         with self._lock:
             self._subscriptions = (*self._subscriptions, subscription)

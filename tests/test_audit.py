@@ -432,7 +432,8 @@ def test_history_filters(engine_factory: EngineFactory) -> None:
     assert [e.version for e in queries.history(sid, actor="bob")] == [2, 4, 7]
     assert [e.version for e in queries.history(sid, types=["StateChanged"])] == [2, 5, 7, 11]
     assert [e.version for e in queries.history(sid, types="SessionRestored")] == [8]
-    assert queries.history(sid, types=[]) == []
+    with pytest.raises(InvalidArgument, match="empty list"):  # None is every type
+        queries.history(sid, types=[])
     assert [e.version for e in queries.history(
         sid, types=["StateChanged", "SessionSaved"], actor="carol")] == [5, 6]
     # since <= ts < until, as datetimes (naive = UTC) or ISO strings
@@ -542,7 +543,8 @@ def test_timeline_filters_and_names_of_sessions_started_before_the_window(
     assert [e.session_name for e in window] == ["alpha", "beta"][: len(window)]
     assert list(queries.timeline(types="EventRecorded", since=since.isoformat())) == \
         [e for e in everything if e.type == "EventRecorded"]
-    assert list(queries.timeline(types=[])) == []
+    with pytest.raises(InvalidArgument, match="empty list"):  # refused at the call too
+        queries.timeline(types=[])
     with pytest.raises(InvalidArgument):
         queries.timeline(types=["Bogus"])  # refused at the call, before iterating
     with pytest.raises(InvalidArgument):

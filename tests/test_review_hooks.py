@@ -332,3 +332,23 @@ def test_a_cursor_or_a_stored_count_of_thousands_of_digits_is_refused_clearly(
         conn.execute("UPDATE sl_meta SET value = ? WHERE key = 'schema_version'", ("9" * 5000,))
     with pytest.raises(StorageError, match="not a schema version"):
         SessionEngine(f"sqlite:///{path}")
+
+
+def test_empty_type_filters_and_non_bool_flags_are_refused(engine: SessionEngine) -> None:
+    sid = engine.create("s")
+    for call in (lambda: engine.history(sid, types=[]), lambda: list(engine.timeline(types=[]))):
+        with pytest.raises(InvalidArgument, match="types is an empty list"):
+            call()
+    with pytest.raises(InvalidArgument, match="events is an empty list"):
+        engine.subscribe("none", lambda event: None, events=[])
+    with pytest.raises(InvalidArgument, match="events is an empty list"):
+        engine.hooks.subscribe(lambda event: None, events=[])
+    with pytest.raises(InvalidArgument, match="unknown event type 'Nope'"):
+        engine.subscribe("nope", lambda event: None, events=["Nope"])
+    with pytest.raises(InvalidArgument, match="not a single str"):
+        engine.subscribe("one", lambda event: None, events="SessionEnded")
+    assert [e.type for e in engine.history(sid, types="SessionStarted")] == ["SessionStarted"]
+    with pytest.raises(InvalidArgument, match="refresh must be a bool"):
+        engine.get(sid, refresh="no")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="until_idle must be a bool"):
+        engine.run_subscribers(until_idle="no")  # type: ignore[call-overload]
