@@ -37,6 +37,11 @@ _CHUNK = 500  # ids per IN (...) list: well below every driver's parameter limit
 NEXT = "_next"
 
 
+#: find() checks up to this many tags with an EXISTS each (a probe of the tag index per row
+#: it passes, fast while the page fills), more with one grouped IN clause
+_EXISTS_PER_TAG_UP_TO = 4
+
+
 class CatalogStore:
     """Reads and writes the catalog tables (live, or the "_next" twins of a rebuild)."""
 
@@ -263,10 +268,18 @@ class CatalogStore:
         if updated_before is not None:
             where.append("c.updated_ts < ?")
             params.append(updated_before)
-        for tag in tags or ():
-            where.append("EXISTS (SELECT 1 FROM sl_catalog_tags t "
-                         "WHERE t.tag = ? AND t.session_id = c.session_id)")
-            params.append(tag)
+        if tags and len(tags) > _EXISTS_PER_TAG_UP_TO:
+            # one clause for them all (tags are distinct, and so is each (tag, session) row):
+            # an EXISTS per tag made PostgreSQL plan for 0.2 s at 64 tags, minutes at 1,500
+            where.append("c.session_id IN (SELECT t.session_id FROM sl_catalog_tags t "
+                         f"WHERE t.tag IN ({', '.join('?' * len(tags))}) "
+                         "GROUP BY t.session_id HAVING COUNT(*) = ?)")
+            params.extend((*tags, len(tags)))
+        else:
+            for tag in tags or ():
+                where.append("EXISTS (SELECT 1 FROM sl_catalog_tags t "
+                             "WHERE t.tag = ? AND t.session_id = c.session_id)")
+                params.append(tag)
         if after_key is not None:
             where.append("(c.updated_ts < ? OR (c.updated_ts = ? AND c.session_id < ?))")
             params.extend((after_key[0], after_key[0], after_key[1]))

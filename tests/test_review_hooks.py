@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict, defaultdict, namedtuple
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -352,3 +353,39 @@ def test_empty_type_filters_and_non_bool_flags_are_refused(engine: SessionEngine
         engine.get(sid, refresh="no")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="until_idle must be a bool"):
         engine.run_subscribers(until_idle="no")  # type: ignore[call-overload]
+
+
+def test_find_with_many_tags_matches_sessions_holding_all_of_them(engine: SessionEngine) -> None:
+    tags = [f"t{i}" for i in range(10)]
+    every = engine.create("every", tags=tags)
+    half = engine.create("half", tags=tags[:5])
+    more = engine.create("more", tags=[*tags, "x"])
+    engine.create("none", tags=["x"])
+    engine.end(more, outcome="failed")
+
+    def ids(**filters: Any) -> set[str]:
+        found: set[str] = set()
+        cursor = None
+        while True:  # a page of one at a time: the cursor walks the grouped clause too
+            page = engine.find(limit=1, cursor=cursor, **filters)
+            found.update(summary.id for summary in page)
+            cursor = page.next_cursor
+            if cursor is None:
+                return found
+
+    assert ids(tags=tags) == {every, more}
+    assert ids(tags=tags[:5]) == {every, half, more}  # five: one grouped clause
+    assert ids(tags=tags[:4]) == {every, half, more}  # four: a clause each
+    assert ids(tags=[*tags[:5], "x"]) == {more}
+    assert ids(tags=tags, status="ACTIVE") == {every}
+    assert ids(tags=[*tags, "missing"]) == set()
+
+
+def test_find_time_bounds_are_strict(engine: SessionEngine) -> None:
+    sid = engine.create("s")
+    moment = engine.find()[0].updated_at
+    assert [s.id for s in engine.find(updated_after=moment)] == []
+    assert [s.id for s in engine.find(updated_before=moment)] == []
+    later = moment + timedelta(microseconds=1)
+    earlier = moment - timedelta(microseconds=1)
+    assert [s.id for s in engine.find(updated_after=earlier, updated_before=later)] == [sid]
