@@ -679,8 +679,10 @@ class SessionEngine:
             # keep_last counts every ended session, old or not: the N that ended last stay
             keep = set()
             if policy.keep_last:
-                keep = last_ended(self._store, set(self._catalog_ids(statuses)),
-                                  policy.keep_last)
+                # (without max_age the candidates are every ended session already)
+                population = ({row[0] for row in candidates} if cutoff is None
+                              else set(self._catalog_ids(statuses)))
+                keep = last_ended(self._store, population, policy.keep_last)
             chosen = [row for row in candidates if row[0] not in keep]
             ids = [row[0] for row in chosen]
             if policy.dry_run:
