@@ -2,7 +2,8 @@
 snapshots, cleanup and subscribers (the audit verbs' parsing and printing are in cli_audit).
 
 Every verb takes `--url` (default: $SESSIONLEDGER_URL, else ./sessionledger.db) and `--json`,
-before or after the verb. Errors print one line and exit 1 (`verify` exits 2 when it finds a
+before or after the verb; a database written with an integrity key is read with the key in
+$SESSIONLEDGER_INTEGRITY_KEY. Errors print one line and exit 1 (`verify` exits 2 when it finds a
 problem); no traceback.
 """
 
@@ -37,6 +38,7 @@ from .cli_audit import (
     show_at,
     table,
 )
+from .config import SessionConfig
 from .engine import SessionEngine
 from .parallel_verify import MAX_WORKERS
 from .retention import RetentionPolicy
@@ -290,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     # top parser only, since argparse would copy a verb's defaults over what came before it
     parser = _Parser(
         prog="sessionledger", description="An event-sourced session engine.",
+        epilog=f"A database written with an integrity key is read with the key in ${KEY_VARIABLE}.",
         parents=[_common_options(url=None, as_json=False)],
     )
     common = _common_options(url=argparse.SUPPRESS, as_json=argparse.SUPPRESS)
@@ -392,6 +395,10 @@ def _argument_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     return names
 
 
+#: the environment variable that holds the integrity key of a keyed database
+KEY_VARIABLE = "SESSIONLEDGER_INTEGRITY_KEY"
+
+
 def check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """InvalidArgument naming the option for text that is not valid Unicode: bytes the system
     could not decode come in argv as lone surrogates, which no database driver can take."""
@@ -412,7 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)  # OptionError: a value its `type=` function refused
         check_text(parser, args)
-        with SessionEngine(args.url) as engine:
+        # a keyed database's key, from the environment: never an option, which would show in
+        # the shell history and the process list
+        key = os.environ.get(KEY_VARIABLE) or None
+        with SessionEngine(args.url, SessionConfig(integrity_key=key)) as engine:
             status = args.run(engine, args)
     except SessionLedgerError as error:
         print(f"sessionledger: error: {error}", file=sys.stderr)
@@ -422,6 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except RecursionError:  # printing a value no command writes (a forged or damaged event)
+        print("sessionledger: error: a stored value is nested too deeply to print (no command "
+              "writes one: a forged or damaged event; `sessionledger verify` checks the chains)",
+              file=sys.stderr)
+        return 1
     return status if isinstance(status, int) else 0
 
 

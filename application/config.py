@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import blake3
 
@@ -48,7 +48,8 @@ class SessionConfig:
     retries: int = 3
     max_event_bytes: int = 1024 * 1024
     compress_threshold: int = 1024
-    integrity_key: str | bytes | None = None
+    # never in repr(): a config in a log line or a traceback must not give the key away
+    integrity_key: str | bytes | None = field(default=None, repr=False)
     snapshot_every: int = 100
     strict_snapshots: bool = False
     hook_errors: str = "isolate"

@@ -252,7 +252,8 @@ class Verifier:
             if head != digest:
                 problems.append(Problem(
                     sid, version, "the event does not match its chain digest: it was changed, "
-                    "or an event before it was changed, inserted, moved or deleted"))
+                    "or an event before it was changed, inserted, moved or deleted (or it was "
+                    "written with another integrity_key)"))
                 broken = True
                 continue
             try:
@@ -296,6 +297,10 @@ class Verifier:
         if current is not None and due:
             self._leftover_snapshots(report, current, due, broken)
         report.sessions, report.events = sessions, events
+        problems.extend(
+            Problem(sid, None, "a tombstone says it was purged, but its events are there: "
+                               "every command refuses it as purged")
+            for (sid,) in self.store.query(log_reads.tombstones_beside_events(where), params))
         for sid, versions in snapshots.items():  # snapshots of sessions with no events at all
             if self._purged(sid):
                 continue

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from . import events as ev
-from .errors import CheckpointNotFound, InvalidArgument, InvalidTransition
+from .errors import CheckpointNotFound, CorruptedData, InvalidArgument, InvalidTransition
 from .status import ENDED, OUTCOMES, SessionStatus
 from .values import (
     MAX_LABEL_LENGTH,
@@ -79,8 +79,14 @@ class Session:
         other = Session.__new__(Session)
         for name in Session.__slots__:
             setattr(other, name, getattr(self, name))
-        other.state = copy.deepcopy(self.state)
-        other.metadata = copy.deepcopy(self.metadata)
+        try:
+            other.state = copy.deepcopy(self.state)
+            other.metadata = copy.deepcopy(self.metadata)
+        except RecursionError:
+            # writes refuse values nested deeper than MAX_DEPTH: only a forged event (a chain
+            # made without an integrity key) or damage can hold one Python cannot copy
+            raise CorruptedData(self.id, self.version, "a value is nested too deeply to copy "
+                                "(no command writes one: a forged or damaged event)") from None
         other.tags = list(self.tags)
         other.checkpoints = dict(self.checkpoints)
         return other

@@ -1,0 +1,89 @@
+"""Review round 8: the integrity guarantees against someone with write access to the database.
+
+Each test here failed before its fix: the integrity key in repr(SessionConfig), a forged
+tombstone that froze a live session without verify() noticing, a CLI that could not read a keyed
+database, and a forged value nested too deeply to copy that crashed get() and the CLI.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from _helpers import Backend, Cli
+
+from sessionledger import (
+    CorruptedData,
+    RetentionPolicy,
+    SessionConfig,
+    SessionEngine,
+    SessionPurged,
+)
+from sessionledger.cli import KEY_VARIABLE
+from sessionledger.infrastructure.codec import chain_digest
+
+
+def test_the_integrity_key_is_never_in_repr() -> None:
+    config = SessionConfig(integrity_key="s3cret-key")
+    assert "s3cret" not in repr(config) and "s3cret" not in str(config)
+    assert config.integrity_key == "s3cret-key"
+
+
+def test_verify_reports_a_tombstone_beside_a_session_s_events(backend: Backend) -> None:
+    with SessionEngine(backend.url) as engine:
+        gone = engine.create("gone")
+        engine.end(gone, outcome="completed")
+        engine.cleanup(RetentionPolicy(max_age=0, purge=True))  # a real tombstone
+        live = engine.create("live", state={"a": 1})
+        assert engine.verify().ok
+    backend.sql("INSERT INTO sl_tombstones (session_id, name, final_status, version, purged_ts) "
+                "VALUES (?, ?, ?, ?, ?)", (live, "live", "COMPLETED", 1, 0))
+    with SessionEngine(backend.url) as engine:
+        if backend.kind == "sqlite":  # (its triggers refuse appends to a tombstoned session)
+            with pytest.raises(SessionPurged):
+                engine.update(live, {"a": 2})
+        for report in (engine.verify(), engine.verify(live)):
+            assert not report.ok
+            assert [(p.session_id, p.version) for p in report.problems] == [(live, None)]
+            assert "tombstone" in report.problems[0].what
+
+
+def test_the_cli_reads_a_keyed_database_with_the_key_from_the_environment(
+    cli: Cli, backend: Backend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with SessionEngine(backend.url, SessionConfig(integrity_key="k1")) as engine:
+        sid = engine.create("keyed", state={"a": 1})
+        engine.update(sid, {"a": 2})
+    monkeypatch.delenv(KEY_VARIABLE, raising=False)
+    code, out, _ = cli("verify")
+    assert code == 2 and "another integrity_key" in out
+    cli.fails("show", sid, match="another integrity_key")
+    monkeypatch.setenv(KEY_VARIABLE, "k1")
+    assert "ok" in cli.ok("verify")
+    assert cli.json("show", sid)["state"] == {"a": 2}
+    monkeypatch.setenv(KEY_VARIABLE, "k2")
+    assert cli("verify")[0] == 2
+
+
+def test_a_forged_value_nested_too_deeply_is_corrupted_data_not_a_crash(
+    cli: Cli, backend: Backend,
+) -> None:
+    with SessionEngine(backend.url) as engine:
+        sid = engine.create("deep")
+    # a StateChanged nested 600 levels deep (commands refuse more than 100), chained without a
+    # key as a forger with write access can
+    value: object = 1
+    for _ in range(600):
+        value = [value]
+    payload = bytes((0, 1)) + msgpack.packb({"set": {"deep": value}, "delete": []})
+    rows = backend.sql("SELECT ts, digest FROM sl_events WHERE session_id = ? AND version = 1",
+                       (sid,))
+    ts, head = rows[0][0], bytes(rows[0][1])
+    digest = chain_digest(head, sid, 2, "StateChanged", ts + 1, None, None, payload)
+    backend.sql("INSERT INTO sl_events (session_id, version, type, ts, actor, correlation_id, "
+                "payload, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sid, 2, "StateChanged", ts + 1, None, None, payload, digest))
+    with SessionEngine(backend.url) as engine:
+        with pytest.raises(CorruptedData, match="nested too deeply"):
+            engine.get(sid)
+    err = cli.fails("show", sid, match="nested too deeply")
+    assert "Traceback" not in err
