@@ -31,7 +31,7 @@ from sessionledger.domain.events import (
 from sessionledger.domain.values import (
     MAX_LABEL_LENGTH,
     MAX_TAGS,
-    checked_text,
+    checked_search_text,
     is_canonical_id,
     small_count,
 )
@@ -285,7 +285,7 @@ class Catalog:
         statuses = _statuses(status)
         tag_list = _tags(tags)
         if name is not None:
-            name = checked_text(name, "name")  # one a session could have, or InvalidArgument
+            name = checked_search_text(name, "name")  # one a session could have
         after = time_filter_micros(updated_after, "updated_after")
         before = time_filter_micros(updated_before, "updated_before")
         keyset = _decode_cursor(cursor)
@@ -454,7 +454,7 @@ def _tags(tags: object) -> list[str] | None:
     ):
         raise InvalidArgument(f"tags must be a list of str, got {str(tags)[:80]}")
     # each one a tag could be (valid Unicode, no control characters), or InvalidArgument
-    wanted = sorted({checked_text(tag, "tag", MAX_LABEL_LENGTH) for tag in tags})
+    wanted = sorted({checked_search_text(tag, "tag", MAX_LABEL_LENGTH) for tag in tags})
     if len(wanted) > MAX_TAGS:  # (a filter clause each: no session has that many)
         raise InvalidArgument(f"find() takes at most {MAX_TAGS} tags (a session's most)")
     return wanted

@@ -24,7 +24,7 @@ MAX_DEPTH = 100
 MAX_NAME_LENGTH = 256
 MAX_LABEL_LENGTH = 256
 #: a session's tags, and their characters together: what one catalog row holds for display
-#: (their JSON, each " or \ escaped, stays within its 8,192 characters on older databases)
+#: (their JSON, each " or \ escaped, stays within its 8,192 characters)
 MAX_TAGS = 64
 MAX_TAGS_TEXT = 2048
 
@@ -236,6 +236,21 @@ def checked_text(value: Any, what: str, max_length: int = MAX_NAME_LENGTH) -> st
             if category == "Cs":
                 raise InvalidArgument(f"{what} must be valid Unicode (a lone surrogate)")
     return str.__str__(value)  # a str subclass's text, as plain str (a str-enum member)
+
+
+def checked_search_text(value: Any, what: str, max_length: int = MAX_NAME_LENGTH) -> str:
+    """A name or tag to search for: what checked_text takes, and the control characters other
+    than NUL that the first releases stored in names and tags (so their sessions can be found);
+    never a lone surrogate or a NUL, which no database can hold."""
+    if isinstance(value, str) and value.isprintable():
+        return checked_text(value, what, max_length)  # the common case, and its messages
+    if not isinstance(value, str) or not value.strip() or len(value) > max_length:
+        return checked_text(value, what, max_length)  # raises, with its message
+    if "\x00" in value:
+        raise InvalidArgument(f"{what} must not contain NUL (U+0000)")
+    if not utf8_encodable(value):
+        raise InvalidArgument(f"{what} must be valid Unicode (a lone surrogate)")
+    return str.__str__(value)
 
 
 def checked_optional_text(value: Any, what: str, max_length: int = MAX_NAME_LENGTH) -> str | None:

@@ -13,7 +13,6 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
-    Text,
     UniqueConstraint,
 )
 
@@ -92,6 +91,10 @@ tracking = Table(
 
 
 
+#: the characters a catalog row keeps of a session's tags (as JSON, for display)
+TAGS_TEXT_LENGTH = 8192
+
+
 def catalog_tables(target: MetaData, suffix: str = "") -> tuple[Table, Table]:
     """The catalog read model: one row per session, and its tags.
 
@@ -111,9 +114,10 @@ def catalog_tables(target: MetaData, suffix: str = "") -> tuple[Table, Table]:
         Column("version", Integer, nullable=False),
         Column("event_count", Integer, nullable=False),
         Column("last_checkpoint", String(256)),
-        # the tags as a JSON list, for display (unbounded: a catalog made before a session's
-        # tags were bounded holds at most 8,192 characters here until it is rebuilt)
-        Column("tags", Text, nullable=False),
+        # the tags as a JSON list, for display. Bounded, as it always was: a rebuild that
+        # changed the column's type would break every other engine's prepared find() on
+        # PostgreSQL ("cached plan must not change result type")
+        Column("tags", String(TAGS_TEXT_LENGTH), nullable=False),
         # SQLite: the rows in their key's own B-tree, not in a rowid table beside a key index
         # (here and in the tag table: a write touches one tree instead of two; a 500,000-event
         # rebuild 1.59-1.76 -> 1.51-1.65 s, alternating runs). find() reads pages in two steps

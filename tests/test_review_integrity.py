@@ -1,8 +1,12 @@
-"""Review round 8: the integrity guarantees against someone with write access to the database.
+"""Review round 8: the integrity guarantees against someone with write access to the database,
+and databases written by older releases.
 
 Each test here failed before its fix: the integrity key in repr(SessionConfig), a forged
 tombstone that froze a live session without verify() noticing, a CLI that could not read a keyed
-database, and a forged value nested too deeply to copy that crashed get() and the CLI.
+database, a forged value nested too deeply to copy that crashed get() and the CLI, and names and
+tags of the first releases that find() refused to search for. The catalog column's type is held
+to what older releases made (a change broke other engines' prepared finds after a rebuild); the
+prepared-finds test guards the swap itself and passed before too.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from _helpers import Backend, Cli
 
 from sessionledger import (
     CorruptedData,
+    InvalidArgument,
     RetentionPolicy,
     SessionConfig,
     SessionEngine,
@@ -86,3 +91,54 @@ def test_a_forged_value_nested_too_deeply_is_corrupted_data_not_a_crash(
         engine.get(sid)
     err = cli.fails("show", sid, match="nested too deeply")
     assert "Traceback" not in err
+
+
+
+def test_a_rebuild_by_another_engine_leaves_prepared_finds_working(backend: Backend) -> None:
+    # PostgreSQL prepares a statement run often (psycopg: from the fifth run): a swap drops
+    # and renames the tables under it, and the other engines' finds go on answering
+    with SessionEngine(backend.url) as reader, SessionEngine(backend.url) as rebuilder:
+        sid = reader.create("s", tags=["a"])
+        for _ in range(8):
+            assert [s.id for s in reader.find(tags=["a"])] == [sid]
+        rebuilder.rebuild("catalog")
+        for _ in range(3):
+            assert [s.id for s in reader.find(tags=["a"])] == [sid]
+
+
+def test_the_catalog_tags_column_keeps_its_type() -> None:
+    # what older releases made: a rebuild swaps in tables of this shape under running engines,
+    # and a column of another type broke their prepared finds on PostgreSQL ("cached plan must
+    # not change result type") until they restarted
+    from sqlalchemy import String
+
+    from sessionledger.infrastructure.schema import catalog
+
+    column_type = catalog.c.tags.type
+    assert isinstance(column_type, String) and column_type.length == 8192
+
+
+def test_find_searches_for_names_and_tags_the_first_releases_stored(backend: Backend) -> None:
+    # commands refuse control characters; the first releases stored them (DEL and C1 here)
+    import uuid
+
+    from sessionledger.domain.events import EVENT_SCHEMAS
+    from sessionledger.infrastructure.codec import GENESIS_DIGEST, PayloadCodec
+
+    name, tag = "old\x7fname", "tag\x85"
+    sid = str(uuid.uuid4())
+    data = {"name": name, "tags": [tag], "metadata": {}, "state": {}, "parent": None}
+    payload, _ = PayloadCodec().encode(data, EVENT_SCHEMAS["SessionStarted"])
+    ts = 1_700_000_000_000_000
+    digest = chain_digest(GENESIS_DIGEST, sid, 1, "SessionStarted", ts, None, None, payload)
+    with SessionEngine(backend.url) as engine:
+        backend.sql("INSERT INTO sl_events (session_id, version, type, ts, actor, "
+                    "correlation_id, payload, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (sid, 1, "SessionStarted", ts, None, None, payload, digest))
+        assert [s.id for s in engine.find(name=name)] == [sid]
+        assert [s.id for s in engine.find(tags=[tag])] == [sid]
+        for bad in ("a\x00b", "a\udcff", " "):
+            with pytest.raises(InvalidArgument):
+                engine.find(name=bad)
+        with pytest.raises(InvalidArgument):
+            engine.create(name)
