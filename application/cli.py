@@ -71,18 +71,17 @@ def cmd_ls(engine: SessionEngine, args: argparse.Namespace) -> None:
 def _next_page_command(args: argparse.Namespace, cursor: str) -> str:
     """The `ls` command line of the next page: this one's database and filters, that cursor
     (run as printed, it lists what this listing would go on to)."""
+    # --option=value: a value that starts with "-" (a name "-x") is not read as an option
     words = ["sessionledger", "ls"]
     if args.url is not None:  # else $SESSIONLEDGER_URL or ./sessionledger.db, as for this one
-        words += ["--url", args.url]
-    for status in args.status or ():
-        words += ["--status", status]
-    for tag in args.tag or ():
-        words += ["--tag", tag]
+        words.append(f"--url={args.url}")
+    words += [f"--status={status}" for status in args.status or ()]
+    words += [f"--tag={tag}" for tag in args.tag or ()]
     if args.name is not None:
-        words += ["--name", args.name]
+        words.append(f"--name={args.name}")
     if args.parent is not None:
-        words += ["--parent", args.parent]
-    words += ["--limit", str(args.limit), "--cursor", cursor]
+        words.append(f"--parent={args.parent}")
+    words += [f"--limit={args.limit}", f"--cursor={cursor}"]
     return shlex.join(words)
 
 
@@ -139,6 +138,8 @@ def cmd_verify(engine: SessionEngine, args: argparse.Namespace) -> int:
     if workers is None and args.session_id is None:
         workers = engine._auto_verify_workers(reruns_main=False)
     report = engine.verify(args.session_id, workers=workers)
+    # the status stands even if the output cannot be written (`verify | head` closes the pipe)
+    args.decided_status = 0 if report.ok else 2
     if args.json:
         print(json.dumps(_verify_dict(report), indent=2))
     else:
@@ -415,6 +416,7 @@ def check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sessionledger` command; returns the exit status."""
+    args: argparse.Namespace | None = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)  # OptionError: a value its `type=` function refused
@@ -430,8 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sessionledger: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
+    except BrokenPipeError:  # the reader went away (`| head`): what was decided stands
+        return getattr(args, "decided_status", 0)
     except RecursionError:  # printing a value no command writes (a forged or damaged event)
         print("sessionledger: error: a stored value is nested too deeply to print (no command "
               "writes one: a forged or damaged event; `sessionledger verify` checks the chains)",

@@ -138,8 +138,15 @@ def compact(value: Any, limit: int = 70) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _shown(value: object) -> str:
+    """A table cell's text, with what a terminal would act on escaped (a newline splits a row,
+    an escape sequence can clear the screen): state keys are any text."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    cells = [[str(h) for h in headers]] + [[_shown(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
              for row in cells]
@@ -310,7 +317,7 @@ def cmd_timeline(engine: SessionEngine, args: argparse.Namespace) -> None:
         for e in shown:
             cells = [str(e.position), _time(e.timestamp), e.session_id, e.session_name or "-",
                      str(e.version), e.type, e.actor or "-"]
-            print("  ".join(_cell(c, w, cut).ljust(w)
+            print("  ".join(_cell(_shown(c), w, cut).ljust(w)
                             for c, w, cut in zip(cells, widths, cuts, strict=True))
                   + "  " + compact(e.data))
     finally:

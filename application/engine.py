@@ -172,7 +172,8 @@ class SessionEngine:
         warning) and release the database connection. The engine cannot be used afterwards."""
         # outside the lock: a runner takes it to list its subscribers
         for runner in self._runners:
-            runner.stop()
+            if not runner.stop_requested:  # (one its owner stopped has waited once already)
+                runner.stop()
         self._runners.clear()
         # the worker processes of parallel verifies exit now: wait here, where a Ctrl-C is
         # the caller's to handle, not in the interpreter's exit ("Exception ignored")

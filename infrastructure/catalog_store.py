@@ -33,6 +33,9 @@ Window = tuple[Totals, list[tuple[str, int, str, int, str | None, bytes]]]
 
 _COLS = ", ".join(CATALOG_COLUMNS)
 _UPDATES = ", ".join(f"{c} = excluded.{c}" for c in CATALOG_COLUMNS[1:])
+#: the PostgreSQL types of CATALOG_COLUMNS, for a write over arrays
+_PG_ARRAY_TYPES = ("varchar", "varchar", "varchar", "varchar", "varchar", "bigint", "bigint",
+                   "int", "int", "varchar", "varchar")
 _CHUNK = 500  # ids per IN (...) list: well below every driver's parameter limit
 NEXT = "_next"
 
@@ -71,16 +74,31 @@ class CatalogStore:
         new_tags: Iterable[tuple[str, str]], suffix: str = "",
     ) -> None:
         """Upsert `rows` and insert the (tag, session_id) pairs of newly started sessions."""
+        tags = list(new_tags)
+        if self.dialect == "postgresql":
+            # one statement over arrays each, not executemany: psycopg pipelines that, and a
+            # failure (a rebuild that lost a race) logged "error ignored terminating Pipeline"
+            if rows:
+                conn.exec_driver_sql(
+                    f"INSERT INTO sl_catalog{suffix} ({_COLS}) SELECT * FROM unnest("
+                    f"{', '.join(f'%s::{kind}[]' for kind in _PG_ARRAY_TYPES)}) "
+                    f"ON CONFLICT (session_id) DO UPDATE SET {_UPDATES}",
+                    tuple(list(column) for column in zip(*rows, strict=True)))
+            if tags:
+                conn.exec_driver_sql(
+                    f"INSERT INTO sl_catalog_tags{suffix} (tag, session_id) SELECT * FROM "
+                    "unnest(%s::varchar[], %s::varchar[]) ON CONFLICT DO NOTHING",
+                    tuple(list(column) for column in zip(*tags, strict=True)))
+            return
         if rows:
-            conn.exec_driver_sql(self._sql(
+            conn.exec_driver_sql(
                 f"INSERT INTO sl_catalog{suffix} ({_COLS}) VALUES "
                 f"({', '.join('?' * len(CATALOG_COLUMNS))}) "
-                f"ON CONFLICT (session_id) DO UPDATE SET {_UPDATES}"), list(rows))
-        tags = list(new_tags)
+                f"ON CONFLICT (session_id) DO UPDATE SET {_UPDATES}", list(rows))
         if tags:
-            conn.exec_driver_sql(self._sql(
+            conn.exec_driver_sql(
                 f"INSERT INTO sl_catalog_tags{suffix} (tag, session_id) VALUES (?, ?) "
-                "ON CONFLICT DO NOTHING"), tags)
+                "ON CONFLICT DO NOTHING", tags)
 
     def window(
         self, conn: Connection, after: int, upto: int, special: Sequence[str],

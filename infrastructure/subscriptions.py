@@ -162,11 +162,14 @@ class SubscriptionStore:
                             {"n": name}).first()
 
     def advance(self, conn: Connection, name: str, position: int) -> None:
-        """Record `position` for `name` in the transaction of `conn`."""
+        """Record `position` for `name` in the transaction of `conn`: forward only. Two
+        processes running one at-least-once subscriber both deliver a batch and record its end
+        (nothing locks them): the one that records last must not move the position back, or
+        both deliver thousands of events again."""
         conn.execute(sa.text(
             "INSERT INTO sl_tracking (name, position, updated_ts) VALUES (:n, :p, :t) "
             "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
-            "updated_ts = excluded.updated_ts"),
+            "updated_ts = excluded.updated_ts WHERE sl_tracking.position < excluded.position"),
             {"n": name, "p": position, "t": time.time_ns() // 1000})
 
     def advance_now(self, name: str, position: int) -> None:

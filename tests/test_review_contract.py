@@ -100,15 +100,17 @@ def test_rebuild_progress_counts_the_first_window(engine: SessionEngine) -> None
 
 def test_ls_next_page_hint_keeps_database_and_filters(cli: Cli, url: str) -> None:
     with SessionEngine(url) as engine:
-        tagged = [engine.create(f"s{i}", tags=["keep"]) for i in range(3)]
+        # (a value starting with "-" must not read as an option when the hint is run)
+        tagged = [engine.create("-x", tags=["-keep"]) for i in range(3)]
         engine.create("other")
+        engine.create("-x")
         engine.run_subscribers(until_idle=True)
-    out = cli.ok("ls", "--tag", "keep", "--limit", "2")
+    out = cli.ok("ls", "--tag=-keep", "--name=-x", "--limit", "2")
     hint = out.splitlines()[-1]
     assert hint.startswith("more: ")
     argv = shlex.split(hint.removeprefix("more: "))
-    assert argv[:2] == ["sessionledger", "ls"] and "--url" in argv
-    assert argv[argv.index("--tag") + 1] == "keep"
+    assert argv[:2] == ["sessionledger", "ls"] and f"--url={url}" in argv
+    assert "--tag=-keep" in argv and "--name=-x" in argv
     rest = cli.ok(*argv[1:]).splitlines()
     listed = [line.split()[0] for line in rest[2:]]
     assert listed == [tagged[0]]  # the last of the three, no untagged session

@@ -6,7 +6,10 @@ tombstone that froze a live session without verify() noticing, a CLI that could 
 database, a forged value nested too deeply to copy that crashed get() and the CLI, and names and
 tags of the first releases that find() refused to search for. The catalog column's type is held
 to what older releases made (a change broke other engines' prepared finds after a rebuild); the
-prepared-finds test guards the swap itself and passed before too.
+prepared-finds test guards the swap itself and passed before too. From the CLI as an operator
+uses it: `verify | head` exiting 0 on problems, a position an at-least-once subscriber moved
+back, table cells printed raw to the terminal, close() waiting a second time for a runner already
+stopped, and psycopg's warning when two rebuilds raced on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -142,3 +145,113 @@ def test_find_searches_for_names_and_tags_the_first_releases_stored(backend: Bac
                 engine.find(name=bad)
         with pytest.raises(InvalidArgument):
             engine.create(name)
+
+
+def test_two_rebuilds_at_once_log_no_driver_warning(
+    pg_backend: Backend, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+    import threading
+
+    with SessionEngine(pg_backend.url, SessionConfig(lifecycle_hooks=False)) as engine:
+        for i in range(1500):
+            engine.update(engine.create(f"s{i}", tags=["t"]), {"i": i})
+    engines = [SessionEngine(pg_backend.url) for _ in range(2)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="psycopg"):
+            for _ in range(3):
+                start = threading.Barrier(2)
+                results: list[int] = []
+
+                def rebuild(engine: SessionEngine) -> None:
+                    start.wait()
+                    results.append(engine.rebuild("catalog"))
+
+                threads = [threading.Thread(target=rebuild, args=(e,)) for e in engines]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                assert sorted(results)[-1] == 3000
+        assert not [r for r in caplog.records if r.name.startswith("psycopg")], caplog.text
+        assert len(engines[0].find(tags=["t"], limit=10_000)) == 1500
+    finally:
+        for engine in engines:
+            engine.close()
+
+
+# -- review round 8: the CLI as an operator uses it ------------------------------------------
+
+
+def test_verify_keeps_its_exit_status_when_the_reader_goes_away(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from sessionledger.cli import main
+
+    with SessionEngine(backend.url) as engine:
+        sid = engine.create("s")
+        engine.update(sid, {"a": 1})
+    backend.sql("UPDATE sl_events SET actor = 'mallory' WHERE session_id = ? AND version = 2",
+                (sid,))
+
+    class ClosedPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError
+
+        def flush(self) -> None:
+            raise BrokenPipeError
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["verify", "--url", backend.url]) == 2  # `verify | head`: still a failure
+    assert main(["ls", "--url", backend.url]) == 0
+
+
+def test_an_at_least_once_position_never_moves_back(engine: SessionEngine) -> None:
+    # two processes running one at-least-once subscriber each record the end of their batch
+    subscriptions = engine._subscriptions
+    subscriptions.advance_now("mailer", 7000)
+    subscriptions.advance_now("mailer", 3000)  # the slower one records last
+    assert {s.name: s.position for s in engine.subscribers()}["mailer"] == 7000
+    subscriptions.advance_now("mailer", 9000)
+    assert {s.name: s.position for s in engine.subscribers()}["mailer"] == 9000
+
+
+def test_tables_escape_what_a_terminal_would_act_on(cli: Cli, backend: Backend) -> None:
+    with SessionEngine(backend.url) as engine:
+        sid = engine.create("s", state={"plain": 1})
+        engine.update(sid, {"two\nlines": 1, "clear\x1b[2J": 2})
+    out = cli.ok("diff", sid, "1", "2")
+    assert "\x1b" not in out and "two\\nlines" in out and "clear\\x1b[2J" in out
+    assert len(out.splitlines()) == 5  # title, header, rule, two rows
+
+
+def test_close_does_not_wait_again_for_a_runner_its_owner_stopped(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from sessionledger.subscribers import SubscriberThread
+
+    release, entered = threading.Event(), threading.Event()
+    waits: list[float | None] = []
+    stop = SubscriberThread.stop
+
+    def counted(self: SubscriberThread, timeout: float | None = 10.0) -> bool:
+        waits.append(timeout)
+        return stop(self, timeout)
+
+    monkeypatch.setattr(SubscriberThread, "stop", counted)
+    engine = SessionEngine(backend.url)
+    try:
+        engine.subscribe("slow", lambda event: (entered.set(), release.wait(10)))
+        engine.create("s")
+        runner = engine.run_subscribers()
+        assert entered.wait(10)
+        assert runner.stop(timeout=0.1) is False  # Ctrl-C in `subscribers run`
+        engine.close()
+        assert waits == [0.1]
+    finally:
+        release.set()
+        engine.close()
