@@ -163,11 +163,13 @@ def test_two_rebuilds_at_once_log_no_driver_warning(
                 start = threading.Barrier(2)
                 results: list[int] = []
 
-                def rebuild(engine: SessionEngine) -> None:
+                def rebuild(engine: SessionEngine, start: threading.Barrier,
+                            results: list[int]) -> None:
                     start.wait()
                     results.append(engine.rebuild("catalog"))
 
-                threads = [threading.Thread(target=rebuild, args=(e,)) for e in engines]
+                threads = [threading.Thread(target=rebuild, args=(e, start, results))
+                           for e in engines]
                 for thread in threads:
                     thread.start()
                 for thread in threads:
