@@ -298,8 +298,8 @@ class Verifier:
             self._leftover_snapshots(report, current, due, broken)
         report.sessions, report.events = sessions, events
         problems.extend(
-            Problem(sid, None, "a tombstone says it was purged, but its events are there: "
-                               "every command refuses it as purged")
+            Problem(sid, None, "a tombstone says it was purged, but its events are there "
+                               "(commands may refuse it as purged)")
             for (sid,) in self.store.query(log_reads.tombstones_beside_events(where), params))
         for sid, versions in snapshots.items():  # snapshots of sessions with no events at all
             if self._purged(sid):

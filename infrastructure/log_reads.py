@@ -87,11 +87,10 @@ CUTS = (
 #: the versions of every stored snapshot (of the sessions {where} picks), in walk order
 SNAPSHOT_VERSIONS = (
     "SELECT session_id, version FROM sl_snapshots{where} ORDER BY session_id, version")
-#: tombstones of sessions that still have events: a purge deletes
-#: the events and writes the tombstone in one transaction, so such a row is damage (or a forgery:
-#: every command on the session then refuses it as purged)
 def tombstones_beside_events(where: str) -> str:
-    """The statement, with events_where's clause (its parameters follow it)."""
+    """The sessions that have a tombstone and events (events_where's clause, whose parameters
+    follow it): a purge deletes the events and writes the tombstone in one transaction, so
+    such a tombstone is damage, or a forgery that makes commands refuse a live session."""
     extra = where.replace(" WHERE ", " AND ", 1)
     return ("SELECT session_id FROM sl_tombstones WHERE EXISTS (SELECT 1 FROM sl_events e "
             f"WHERE e.session_id = sl_tombstones.session_id){extra} ORDER BY session_id")
