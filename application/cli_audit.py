@@ -133,6 +133,16 @@ def _dumps(value: Any, indent: int | None = 2) -> str:
     return json.dumps(jsonable(value), indent=indent, ensure_ascii=False)
 
 
+def _print_json_array(items: Iterable[Any]) -> None:
+    """A JSON array, one item per line, each written as it comes."""
+    print("[")
+    separator = ""
+    for item in items:
+        print(separator + _dumps(item, indent=None), end="")
+        separator = ",\n"
+    print("\n]" if separator else "]")
+
+
 def compact(value: Any, limit: int = 70) -> str:
     text = json.dumps(jsonable(value), ensure_ascii=False, sort_keys=True)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -193,8 +203,8 @@ def print_session(session: Session, as_json: bool) -> None:
 
 def print_events(events: Sequence[SessionEvent], as_json: bool) -> None:
     """A session's events as `history` prints them."""
-    if as_json:
-        print(_dumps([_event_dict(e) for e in events]))
+    if as_json:  # written event by event: no second copy of a long history in memory
+        _print_json_array(_event_dict(e) for e in events)
         return
     print(table(
         ["VERSION", "TIME", "TYPE", "ACTOR", "DATA"],
@@ -300,15 +310,9 @@ def cmd_timeline(engine: SessionEngine, args: argparse.Namespace) -> None:
     shown = events if args.limit is None else itertools.islice(events, args.limit)
     try:
         if args.json:
-            # a JSON array, one event per line, written as the events arrive
-            print("[")
-            separator = ""
-            for e in shown:
-                print(separator + _dumps({"position": e.position, "session_id": e.session_id,
-                                          "session_name": e.session_name, **_event_dict(e)},
-                                         indent=None), end="")
-                separator = ",\n"
-            print("\n]" if separator else "]")
+            _print_json_array({"position": e.position, "session_id": e.session_id,
+                               "session_name": e.session_name, **_event_dict(e)}
+                              for e in shown)
             return
         widths = [w for _, w, _ in _TIMELINE_COLUMNS]
         cuts = [cut for _, _, cut in _TIMELINE_COLUMNS]
