@@ -517,10 +517,12 @@ class EventStore:
             for table in ("sl_events", "sl_snapshots"):
                 conn.execute(sa.text(f"DELETE FROM {table} WHERE session_id = :sid"),
                              {"sid": session_id})
-            # a create's key stays (it names only the id): a create retried after the purge
-            # returns the purged id, as the first create did, instead of a second session
-            conn.execute(sa.text("DELETE FROM sl_idempotency WHERE session_id = :sid "
-                                 "AND scope <> 'create'"), {"sid": session_id})
+            # the session's own keys, whose scope is its id: a range of the primary key (by
+            # session_id, which has no index, every purge read the whole table, holding the
+            # append lock on PostgreSQL). A create's key (scope "create") stays: a create
+            # retried after the purge returns the purged id, as the first did, not a new session
+            conn.execute(sa.text("DELETE FROM sl_idempotency WHERE scope = :sid"),
+                         {"sid": session_id})
             tombstoned = conn.execute(sa.text(
                 "INSERT INTO sl_tombstones (session_id, name, final_status, version, purged_ts) "
                 "VALUES (:sid, :name, :status, :version, :ts) "
