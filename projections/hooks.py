@@ -113,7 +113,7 @@ class HookSubscription:
     a context manager the subscription ends when the block exits.
     """
 
-    __slots__ = ("_active", "_registry", "events", "handler", "name", "sessions")
+    __slots__ = ("_active", "_registry", "_seq", "events", "handler", "name", "sessions")
 
     def __init__(
         self,
@@ -125,6 +125,7 @@ class HookSubscription:
     ) -> None:
         self._registry = registry
         self._active = True
+        self._seq = 0  # its place in subscription order (set by the registry)
         #: the subscribed callable
         self.handler = handler
         #: the hook's name in logs, metrics and HookFailed
@@ -172,13 +173,22 @@ def checked_plain_callable(handler: object, what: str, refusal: str) -> None:
         raise InvalidArgument(f"{what} must be a plain callable; {refusal}")
 
 
+def _subscription_order(subscription: HookSubscription) -> int:
+    return subscription._seq
+
+
 class HookRegistry:
     """The in-process hooks of one engine, and the loop that delivers events to them.
 
-    Subscribing and unsubscribing are thread-safe and may happen inside a hook: dispatch works on
-    the list of subscriptions as it was when the dispatch began (copy-on-write, so taking that
-    snapshot costs nothing). A hook subscribed during a dispatch receives the next batch, not the
-    rest of the current one; a hook unsubscribed during a dispatch receives nothing further.
+    Subscribing and unsubscribing are thread-safe and may happen inside a hook: a dispatch
+    delivers to the hooks subscribed when it began (copy-on-write tuples, and a subscription
+    number that later ones exceed). A hook subscribed during a dispatch receives the next batch,
+    not the rest of the current one; a hook unsubscribed during a dispatch receives nothing
+    further.
+
+    Hooks with a session filter are indexed by session id: an event is offered to the hooks
+    without one and to those of its own session only, so a hook per session (thousands of
+    them) costs an event nothing, and subscribing or unsubscribing one costs no copy of all.
 
     ``latency_observer(hook_name, nanoseconds)`` and ``error_observer(hook_name)``, when set,
     are told about every handler call and every failed one (the MetricsHook has
@@ -198,19 +208,26 @@ class HookRegistry:
         self.latency_observer: LatencyObserver | None = None
         #: called with (hook name) after every failed handler call
         self.error_observer: ErrorObserver | None = None
-        self._subscriptions: tuple[HookSubscription, ...] = ()
+        #: every subscription by its number (in subscription order)
+        self._all: dict[int, HookSubscription] = {}
+        #: the subscriptions without a session filter, in order (replaced, never mutated)
+        self._everywhere: tuple[HookSubscription, ...] = ()
+        #: session id -> the subscriptions whose filter names it, in order (values replaced)
+        self._by_session: dict[str, tuple[HookSubscription, ...]] = {}
+        self._next_seq = 1
         self._lock = threading.Lock()  # serialises writers only; dispatch never takes it
         self._errors = 0
 
     @property
     def active(self) -> bool:
         """True when at least one hook is subscribed (the engine skips building events if not)."""
-        return bool(self._subscriptions)
+        return bool(self._all)
 
     @property
     def subscriptions(self) -> tuple[HookSubscription, ...]:
         """The current subscriptions, in delivery order."""
-        return self._subscriptions
+        with self._lock:
+            return tuple(self._all.values())
 
     @property
     def errors(self) -> int:
@@ -242,19 +259,53 @@ class HookRegistry:
             self, handler, name, checked_event_types(events, "events"), _session_filter(sessions)
         )
         with self._lock:
-            self._subscriptions = (*self._subscriptions, subscription)
+            subscription._seq = self._next_seq
+            self._next_seq += 1
+            self._all[subscription._seq] = subscription
+            if subscription.sessions is None:
+                self._everywhere = (*self._everywhere, subscription)
+            else:
+                index = self._by_session
+                for sid in subscription.sessions:
+                    index[sid] = (*index.get(sid, ()), subscription)
         return subscription
 
     def _remove(self, subscription: HookSubscription) -> None:
         with self._lock:
-            self._subscriptions = tuple(s for s in self._subscriptions if s is not subscription)
+            if self._all.pop(subscription._seq, None) is None:
+                return
+            if subscription.sessions is None:
+                self._everywhere = tuple(s for s in self._everywhere if s is not subscription)
+                return
+            index = self._by_session
+            for sid in subscription.sessions:
+                left = tuple(s for s in index.get(sid, ()) if s is not subscription)
+                if left:
+                    index[sid] = left
+                else:
+                    index.pop(sid, None)
+
+    def _offered(self, session_id: str, everywhere: tuple[HookSubscription, ...],
+                 before: int) -> tuple[HookSubscription, ...]:
+        """The hooks an event of `session_id` goes to, in subscription order: those without a
+        session filter, and those of that session subscribed before number `before`."""
+        own = self._by_session.get(session_id)
+        if not own:
+            return everywhere
+        own = tuple(s for s in own if s._seq < before)
+        if not everywhere:
+            return own
+        return tuple(sorted((*everywhere, *own), key=_subscription_order))
 
     def dispatch_one(self, event: SessionEvent) -> None:
         """dispatch([event]), for the engine's commonest case: a command that wrote one event
         (no batch loop around it: a no-op hook may cost at most 2 µs an event on the append
         path, and every tenth of a microsecond counts there: benchmarks/subscribers_bench.py).
         """
-        failures = self._deliver(event, self._subscriptions, None, self.latency_observer)
+        subscriptions = self._everywhere
+        if self._by_session:
+            subscriptions = self._offered(event.session_id, subscriptions, self._next_seq)
+        failures = self._deliver(event, subscriptions, None, self.latency_observer)
         if failures:
             raise HookFailed(failures) from failures[0][2]
 
@@ -297,12 +348,17 @@ class HookRegistry:
         isolated (logged and counted) or, with on_error="raise", reported by HookFailed once
         every hook has had every event.
         """
-        subscriptions = self._subscriptions  # the snapshot: writers replace, never mutate
-        if not subscriptions or not events:
+        # the snapshot: writers replace these tuples, never mutate them, and number the hooks
+        # they add after `before`
+        everywhere, before = self._everywhere, self._next_seq
+        if not self._all or not events:
             return
         failures: list[Failure] | None = None
         observer = self.latency_observer
+        by_session = self._by_session
         for event in events:
+            subscriptions = (self._offered(event.session_id, everywhere, before) if by_session
+                             else everywhere)
             failures = self._deliver(event, subscriptions, failures, observer)
         if failures:
             raise HookFailed(failures) from failures[0][2]
@@ -338,7 +394,7 @@ class HookRegistry:
         return failures
 
     def __repr__(self) -> str:
-        return (f"<HookRegistry {len(self._subscriptions)} hook(s) on_error={self.on_error!r} "
+        return (f"<HookRegistry {len(self._all)} hook(s) on_error={self.on_error!r} "
                 f"errors={self._errors}>")
 
 

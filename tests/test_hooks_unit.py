@@ -677,3 +677,75 @@ def test_builtin_hooks_together(make: Stream, events_log: pytest.LogCaptureFixtu
     latency = metrics.snapshot()["hook_latency_seconds"]
     assert latency["LoggingHook"]["count"] == latency["MetricsHook"]["count"] == 12
     assert registry.errors == 0
+
+
+# -- hooks indexed by session (review round 9: a hook per session scaled per event) -----------
+
+
+def test_session_hooks_and_global_hooks_run_in_subscription_order(make: Stream) -> None:
+    registry = HookRegistry()
+    log: list[tuple[str, str, int]] = []
+    registry.subscribe(Recorder("all-1", log))
+    registry.subscribe(Recorder("a-1", log), sessions=[A])
+    registry.subscribe(Recorder("all-2", log))
+    registry.subscribe(Recorder("a-or-b", log), sessions=[A, B])
+    registry.subscribe(Recorder("b-1", log), sessions=[B])
+    registry.dispatch([make(A, "SessionStarted"), make(B, "SessionStarted")])
+    registry.dispatch_one(make(C, "SessionStarted"))
+    assert [(label, sid) for label, sid, _ in log] == [
+        ("all-1", A), ("a-1", A), ("all-2", A), ("a-or-b", A),
+        ("all-1", B), ("all-2", B), ("a-or-b", B), ("b-1", B),
+        ("all-1", C), ("all-2", C)]
+    assert len(registry.subscriptions) == 5
+
+
+def test_an_event_is_offered_only_to_its_session_s_hooks_and_the_global_ones(
+    make: Stream, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = HookRegistry()
+    for i in range(1000):  # a hook per session, as a caller watching each of its sessions
+        registry.subscribe(Recorder(), sessions=[str(uuid.UUID(int=1000 + i))])
+    registry.subscribe(Recorder())
+    offered: list[int] = []
+    deliver = registry._deliver
+
+    def counting(event: SessionEvent, subscriptions: Any, *rest: Any) -> Any:
+        offered.append(len(subscriptions))
+        return deliver(event, subscriptions, *rest)
+
+    monkeypatch.setattr(registry, "_deliver", counting)
+    registry.dispatch_one(make(A, "SessionStarted"))
+    registry.dispatch([make(str(uuid.UUID(int=1500)), "SessionStarted")])
+    assert offered == [1, 2]
+
+
+def test_a_session_hook_subscribed_mid_dispatch_waits_for_the_next(make: Stream) -> None:
+    registry = HookRegistry()
+    log: list[tuple[str, str, int]] = []
+
+    def adds_one(event: SessionEvent) -> None:
+        if event.version == 1:
+            registry.subscribe(Recorder("late", log), sessions=[A])
+
+    registry.subscribe(adds_one, sessions=[A])
+    registry.dispatch([make(A, "SessionStarted"), make(A, "StateChanged")])
+    assert log == []
+    registry.dispatch_one(make(A, "StateChanged"))
+    assert log == [("late", A, 3)]
+
+
+def test_unsubscribing_session_hooks_stops_them_and_leaves_the_others(make: Stream) -> None:
+    registry = HookRegistry()
+    log: list[tuple[str, str, int]] = []
+    handles = [registry.subscribe(Recorder(f"h{i}", log), sessions=[A, B]) for i in range(50)]
+    everywhere = registry.subscribe(Recorder("all", log))
+    for handle in handles[::2]:
+        handle.unsubscribe()
+    registry.dispatch_one(make(B, "SessionStarted"))
+    assert [label for label, _, _ in log] == [f"h{i}" for i in range(1, 50, 2)] + ["all"]
+    for handle in handles:
+        handle.unsubscribe()
+    everywhere.unsubscribe()
+    assert registry.active is False and registry.subscriptions == ()
+    registry.dispatch_one(make(A, "SessionStarted"))
+    assert len(log) == 26
