@@ -24,6 +24,7 @@ from sessionledger.domain.errors import (
     InvalidArgument,
     SessionNotFound,
     SessionPurged,
+    StorageError,
 )
 from sessionledger.domain.events import (
     SessionEvent,
@@ -130,6 +131,10 @@ class SessionEngine:
         self._durable: dict[str, HandlerSubscriber] = {}
         #: background runners run_subscribers() started: close() stops them
         self._runners: list[SubscriberThread] = []
+        # the runners list, and whether close() began: a runner started while close() ran was
+        # left running against the closed engine, for good
+        self._runners_lock = threading.Lock()
+        self._closing = False
         #: threads waiting for parallel verifies' workers to exit (joined by close())
         self._verify_closers: list[threading.Thread] = []
         self._catalog_outdated = False
@@ -170,11 +175,13 @@ class SessionEngine:
         """Stop the background subscriber runners this engine started (waiting up to 10 s for
         each: a runner whose handler still runs then is left to end its batch, with a logged
         warning) and release the database connection. The engine cannot be used afterwards."""
-        # outside the lock: a runner takes it to list its subscribers
-        for runner in self._runners:
+        with self._runners_lock:
+            self._closing = True
+            runners, self._runners = self._runners, []
+        # outside the engine's lock: a runner takes it to list its subscribers
+        for runner in runners:
             if not runner.stop_requested:  # (one its owner stopped has waited once already)
                 runner.stop()
-        self._runners.clear()
         # the worker processes of parallel verifies exit now: wait here, where a Ctrl-C is
         # the caller's to handle, not in the interpreter's exit ("Exception ignored")
         for closer in self._verify_closers:
@@ -549,9 +556,12 @@ class SessionEngine:
             for consumer in self._consumers():
                 delivered[consumer.name] = runner.catch_up(consumer)
             return delivered
-        self._store.check_open()
-        thread = SubscriberThread(runner, self._consumers, Waker(self._store))
-        self._runners = [r for r in self._runners if r.running] + [thread]
+        with self._runners_lock:
+            self._store.check_open()
+            if self._closing:
+                raise StorageError("the engine is closed")
+            thread = SubscriberThread(runner, self._consumers, Waker(self._store))
+            self._runners = [r for r in self._runners if r.running] + [thread]
         return thread
 
     def _consumers(self) -> list[Consumer]:

@@ -6,6 +6,20 @@ from __future__ import annotations
 class SessionLedgerError(Exception):
     """Base class of every error sessionledger raises on purpose."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # pickled as its message and attributes, not by calling __init__ again with the
+        # message as the first argument (each subclass's __init__ takes its own fields): a
+        # worker process's error reaches the caller as itself, not as a BrokenProcessPool
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(cls: type[SessionLedgerError], args: tuple[object, ...],
+             state: dict[str, object]) -> SessionLedgerError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidArgument(SessionLedgerError, ValueError):
     """An argument is out of range or of the wrong kind (a name, label, option or config value)."""

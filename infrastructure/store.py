@@ -167,6 +167,10 @@ def secure_delete(conn: Connection, mode: str) -> Iterator[None]:
         conn.exec_driver_sql(f"PRAGMA secure_delete={int(previous)}")
 
 
+#: the most connections one engine opens to a PostgreSQL server
+PG_MAX_CONNECTIONS = 32
+
+
 class EventStore:
     """Appends and reads session events on SQLite or PostgreSQL."""
 
@@ -214,6 +218,11 @@ class EventStore:
                     poolclass=StaticPool if self.single_connection else QueuePool,
                     connect_args={"check_same_thread": False,
                                   "timeout": _BUSY_TIMEOUT_MS / 1000},
+                    # no cap beyond the 5 kept: a call that holds a connection and needs a
+                    # second (find() inside a timeline() loop) in many threads at once waited
+                    # 30 s for connections the others held, then failed; a SQLite connection is
+                    # a file handle, not a server's process
+                    **({} if self.single_connection else {"max_overflow": -1}),
                 )
                 sync = DURABILITY_PRAGMAS[durability]
 
@@ -235,8 +244,13 @@ class EventStore:
                 # a failover) is replaced at checkout instead of failing the call that gets it;
                 # one round trip per checkout, and checkouts are off the command path (scans,
                 # subscriber batches, purges: commands use the store's own connection)
+                # at most PG_MAX_CONNECTIONS: a server's connections are few and shared by
+                # every engine process (PostgreSQL's default max_connections is 100), but a
+                # call may hold one and need another (a transactional handler's find()), so
+                # threads get room before they wait on each other (30 s, then StorageError)
                 engine = sa.create_engine(url, connect_args={"connect_timeout": 10},
-                                          pool_size=2, pool_pre_ping=True)
+                                          pool_size=2, max_overflow=PG_MAX_CONNECTIONS - 2,
+                                          pool_pre_ping=True)
         except StorageError:
             raise
         except Exception as error:
@@ -649,8 +663,16 @@ class EventStore:
 
     def _scan_batches(self, sql: str, params: Sequence[Any], batch: int
                       ) -> Generator[Sequence[Any], None, None]:
-        with self._one_user():  # held across the yields: the scan's cursor is open
-            yield from self._scan_batches_on_own(sql, params, batch)
+        if self.single_connection:
+            # an in-memory database: one connection, whose lock a scan would hold across its
+            # yields, and a scan handed to another thread could never release it (every call
+            # of every thread then waited for good). Its rows are read at once instead: they
+            # are in this process's memory already.
+            with self._one_user():
+                batches = list(self._scan_batches_on_own(sql, params, batch))
+            yield from batches
+            return
+        yield from self._scan_batches_on_own(sql, params, batch)
 
     def _scan_batches_on_own(self, sql: str, params: Sequence[Any], batch: int
                              ) -> Iterator[Sequence[Any]]:

@@ -236,11 +236,18 @@ class Waker:
             self._listen()
 
     def _listen(self) -> None:
-        fairy = self.store.engine.raw_connection()
-        db = fairy.dbapi_connection
-        assert db is not None
-        db.autocommit = True
-        db.execute(f"LISTEN {EVENTS_CHANNEL}")
+        # (a pool that has no connection to give, or a server that is down, is a StorageError
+        # like any other, not SQLAlchemy's own exception)
+        with self.store.storage_errors("listen for new events on"):
+            fairy = self.store.engine.raw_connection()
+            try:
+                db = fairy.dbapi_connection
+                assert db is not None
+                db.autocommit = True
+                db.execute(f"LISTEN {EVENTS_CHANNEL}")
+            except BaseException:
+                fairy.close()
+                raise
         self._fairy = fairy
 
     def wait(self, timeout: float) -> None:
