@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from sessionledger.domain.errors import InvalidArgument
-from sessionledger.domain.values import utf8_encodable
+from sessionledger.domain.values import checked_flag, utf8_encodable
 from sessionledger.infrastructure.store import DURABILITY_PRAGMAS
 from sessionledger.projections.hooks import ON_ERROR_MODES
 
@@ -73,8 +73,7 @@ class SessionConfig:
             raise InvalidArgument(f"max_event_bytes must be an int >= 64, got "
                                   f"{self.max_event_bytes!r}")
         for name in ("strict_snapshots", "lifecycle_hooks", "auto_rebuild"):
-            if type(getattr(self, name)) is not bool:
-                raise InvalidArgument(f"{name} must be a bool, got {getattr(self, name)!r}")
+            checked_flag(getattr(self, name), name)
         if self.integrity_key is not None and (
             not isinstance(self.integrity_key, str | bytes) or not self.integrity_key
         ):

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from sessionledger.domain.errors import InvalidArgument
 from sessionledger.domain.events import SESSION_ENDED
+from sessionledger.domain.values import checked_flag
 from sessionledger.infrastructure import log_reads
 from sessionledger.infrastructure.store import EventStore
 
@@ -53,8 +54,7 @@ class RetentionPolicy:
         if self.keep_last is not None and (type(self.keep_last) is not int or self.keep_last < 0):
             raise InvalidArgument(f"keep_last must be an int >= 0, got {self.keep_last!r}")
         for name in ("archive", "purge", "dry_run"):
-            if type(getattr(self, name)) is not bool:
-                raise InvalidArgument(f"{name} must be a bool")
+            checked_flag(getattr(self, name), name)
         if self.archive and self.purge:
             raise InvalidArgument("a RetentionPolicy either archives or purges, not both")
 
