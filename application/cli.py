@@ -220,11 +220,9 @@ def cmd_subscribers_run(engine: SessionEngine, args: argparse.Namespace) -> None
     names = ", ".join(s.name for s in engine.subscribers() if s.registered)
     print(f"running subscribers ({names}) on {engine.url}; Ctrl-C stops", file=sys.stderr)
     handle = engine.run_subscribers()
-    try:
-        while handle.running:
-            time.sleep(0.5)
-    finally:
-        handle.stop()
+    # Ctrl-C ends this loop; closing the engine (main's `with`) stops the runner, once
+    while handle.running:
+        time.sleep(0.5)
 
 
 def load_setup(target: str) -> Any:

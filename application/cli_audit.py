@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -129,8 +130,20 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+#: characters a terminal acts on that JSON (ensure_ascii=False) leaves raw: DEL and the C1
+#: controls (U+009B is an 8-bit CSI, as ESC [ is; U+0085 a line break)
+_RAW_CONTROLS = re.compile("[\x7f-\x9f]")
+
+
+def _json(value: Any, indent: int | None = None, sort_keys: bool = False) -> str:
+    """JSON of `value` as the CLI prints it: readable Unicode, but every control character
+    escaped (JSON escapes C0 itself), so printed data never drives the terminal."""
+    text = json.dumps(jsonable(value), indent=indent, ensure_ascii=False, sort_keys=sort_keys)
+    return _RAW_CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def _dumps(value: Any, indent: int | None = 2) -> str:
-    return json.dumps(jsonable(value), indent=indent, ensure_ascii=False)
+    return _json(value, indent)
 
 
 def _print_json_array(items: Iterable[Any]) -> None:
@@ -144,7 +157,7 @@ def _print_json_array(items: Iterable[Any]) -> None:
 
 
 def compact(value: Any, limit: int = 70) -> str:
-    text = json.dumps(jsonable(value), ensure_ascii=False, sort_keys=True)
+    text = _json(value, sort_keys=True)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -192,13 +205,13 @@ def print_session(session: Session, as_json: bool) -> None:
         print(_dumps(info))
         return
     for key in ("id", "name", "status", "version", "parent", "created_at", "updated_at"):
-        print(f"{key:12} {info[key] if info[key] is not None else '-'}")
-    print(f"{'tags':12} {', '.join(session.tags) or '-'}")
+        print(f"{key:12} {_shown(info[key]) if info[key] is not None else '-'}")
+    print(f"{'tags':12} {_shown(', '.join(session.tags)) or '-'}")
     print(f"{'metadata':12} {compact(session.metadata, 200)}")
     checkpoints = ", ".join(f"{label}@{v}" for label, v in session.checkpoints.items())
-    print(f"{'checkpoints':12} {checkpoints or '-'}")
+    print(f"{'checkpoints':12} {_shown(checkpoints) or '-'}")
     print("state:")
-    print(json.dumps(jsonable(session.state), indent=2, ensure_ascii=False, sort_keys=True))
+    print(_json(session.state, indent=2, sort_keys=True))
 
 
 def print_events(events: Sequence[SessionEvent], as_json: bool) -> None:

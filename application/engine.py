@@ -180,7 +180,7 @@ class SessionEngine:
             runners, self._runners = self._runners, []
         # outside the engine's lock: a runner takes it to list its subscribers
         for runner in runners:
-            if not runner.stop_requested:  # (one its owner stopped has waited once already)
+            if runner.running:  # (one its owner stopped may still end its batch: wait too)
                 runner.stop()
         # the worker processes of parallel verifies exit now: wait here, where a Ctrl-C is
         # the caller's to handle, not in the interpreter's exit ("Exception ignored")

@@ -265,11 +265,6 @@ class SubscriberThread:
         """True until stop() (or a fatal error) ended the thread."""
         return self._thread.is_alive()
 
-    @property
-    def stop_requested(self) -> bool:
-        """True once stop() was called (the runner may still end its batch)."""
-        return self._stopping.is_set()
-
     def stop(self, timeout: float | None = 10.0) -> bool:
         """Ask the runner to stop after its current batch, and wait for it (at most `timeout`
         seconds; None: for as long as it takes). True when it has stopped; False when its

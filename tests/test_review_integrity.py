@@ -227,13 +227,26 @@ def test_tables_escape_what_a_terminal_would_act_on(cli: Cli, backend: Backend) 
     out = cli.ok("diff", sid, "1", "2")
     assert "\x1b" not in out and "two\\nlines" in out and "clear\\x1b[2J" in out
     assert len(out.splitlines()) == 5  # title, header, rule, two rows
+    # values too, wherever the CLI prints them (an 8-bit CSI and a NEL are C1 controls)
+    engine2 = SessionEngine(backend.url)
+    engine2.update(sid, {"v": "x\x9b2J\x85y\x7f"})
+    engine2.close()
+    for argv in (["show", sid], ["timeline"], ["history", sid], ["show", sid, "--json"],
+                 ["timeline", "--json"], ["blame", sid, "v"]):
+        shown = cli.ok(*argv)
+        assert not any(c in shown for c in "\x9b\x85\x7f\x1b"), (argv, shown)
+        assert "\\u009b" in shown or "\\x9b" in shown, (argv, shown)
 
 
-def test_close_does_not_wait_again_for_a_runner_its_owner_stopped(
+def test_a_stopped_runner_is_stopped_once_and_close_lets_its_batch_finish(
     backend: Backend, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Ctrl-C in `subscribers run` stopped the runner, then close() stopped it again: two waits
+    # of 10 s. Now the CLI leaves it to close(), which waits for a batch still running (its
+    # position is recorded) also when the runner's owner stopped it already.
     import threading
 
+    from sessionledger.cli import cmd_subscribers_run
     from sessionledger.subscribers import SubscriberThread
 
     release, entered = threading.Event(), threading.Event()
@@ -246,14 +259,30 @@ def test_close_does_not_wait_again_for_a_runner_its_owner_stopped(
 
     monkeypatch.setattr(SubscriberThread, "stop", counted)
     engine = SessionEngine(backend.url)
-    try:
-        engine.subscribe("slow", lambda event: (entered.set(), release.wait(10)))
-        engine.create("s")
-        runner = engine.run_subscribers()
-        assert entered.wait(10)
-        assert runner.stop(timeout=0.1) is False  # Ctrl-C in `subscribers run`
-        engine.close()
-        assert waits == [0.1]
-    finally:
-        release.set()
-        engine.close()
+    engine.subscribe("slow", lambda event: (entered.set(), release.wait(10)))
+    engine.create("s")
+    runner = engine.run_subscribers()
+    assert entered.wait(10)
+    assert runner.stop(timeout=0.1) is False  # its owner gave up waiting
+    threading.Timer(0.3, release.set).start()
+    engine.close()  # waits for the batch under way
+    assert waits == [0.1, 10.0] and not runner.running
+    with SessionEngine(backend.url) as fresh:
+        assert {s.name: s.position for s in fresh.subscribers()}["slow"] >= 1
+
+    # the CLI: one stop, by close(), when Ctrl-C ends its loop
+    waits.clear()
+    import argparse
+
+    import sessionledger.cli as cli_module
+
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    # (the CLI module's own `time` only: the runner's thread keeps the real sleep)
+    monkeypatch.setattr(cli_module, "time", argparse.Namespace(sleep=interrupted))
+    args = argparse.Namespace(setup=None, until_idle=False, json=False)
+    with SessionEngine(backend.url) as engine, pytest.raises(KeyboardInterrupt):
+        engine.subscribe("quick", lambda event: None)
+        cmd_subscribers_run(engine, args)
+    assert waits == [10.0]
