@@ -18,7 +18,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from sessionledger.domain.errors import StorageError
 
 from . import schema
-from .store import EventStore, secure_delete
+from .store import EventStore, drop_if_broken, secure_delete
 
 CATALOG_COLUMNS = ("session_id", "name", "status", "parent", "created_by", "created_ts",
                    "updated_ts", "version", "event_count", "last_checkpoint", "tags")
@@ -155,6 +155,9 @@ class CatalogStore:
             try:
                 cursor.execute(sql, (after, upto))
                 document = cast(tuple[Any], cursor.fetchone())[0]
+            except Exception as error:
+                drop_if_broken(conn, error)
+                raise
             finally:
                 cursor.close()
         totals = json.loads(document) if isinstance(document, str) else document

@@ -167,6 +167,18 @@ def secure_delete(conn: Connection, mode: str) -> Iterator[None]:
         conn.exec_driver_sql(f"PRAGMA secure_delete={int(previous)}")
 
 
+def drop_if_broken(conn: Connection, error: BaseException) -> None:
+    """After `error` from a read on `conn`'s raw driver cursor (which SQLAlchemy does not see):
+    when it means the connection is gone (the dialect's own test), tell SQLAlchemy, so the pool
+    discards it instead of resetting it (a ROLLBACK on a lost connection, which its pool logs
+    as an ERROR with a traceback)."""
+    raw = getattr(conn.connection, "dbapi_connection", None)
+    gone = getattr(raw, "closed", False) or getattr(raw, "broken", False)
+    if gone or (isinstance(error, conn.dialect.loaded_dbapi.Error)
+                and conn.dialect.is_disconnect(error, raw, None)):
+        conn.invalidate()
+
+
 #: the most connections one engine opens to a PostgreSQL server
 PG_MAX_CONNECTIONS = 32
 
@@ -445,7 +457,14 @@ class EventStore:
         (rebuild_snapshots racing a cleanup in another engine): PostgreSQL skips them, SQLite's
         guard refuses them (SessionGone, the transaction rolled back)."""
         try:
-            db.cursor().executemany(self._sql.upsert_snapshot, self._checked_rows(snapshots))
+            if self.dialect == "sqlite":
+                db.cursor().executemany(self._sql.upsert_snapshot, snapshots)
+            else:
+                # one statement over arrays: psycopg pipelines executemany, and a connection
+                # lost meanwhile logged "error ignored terminating Pipeline" (a snapshot of a
+                # purged session is skipped by the statement's tombstone check)
+                db.execute(self._sql.upsert_snapshots_many,
+                           [list(column) for column in zip(*snapshots, strict=True)])
         except self._integrity_error as error:
             if _PURGED not in str(error):
                 raise
@@ -885,7 +904,7 @@ class _Statements:
             self.upsert_snapshot = (f"INSERT INTO sl_snapshots ({snapshot_cols}) "
                                     f"VALUES (?, ?, ?, ?, ?, ?, ?) {on_conflict}")
         else:  # the session id is passed again at the end (EventStore._checked_rows)
-            events, snapshot = ", ".join(["%s"] * 8), ", ".join(["%s"] * 7)
+            events = ", ".join(["%s"] * 8)
             no_tombstone = "WHERE NOT EXISTS (SELECT 1 FROM sl_tombstones WHERE session_id = %s)"
             self.insert_event_checked = (
                 f"INSERT INTO sl_events ({cols}) SELECT {events} {no_tombstone}")
@@ -897,9 +916,14 @@ class _Statements:
                 "%s::varchar[], %s::bytea[], %s::bytea[]) WITH ORDINALITY "
                 f"AS u({cols}, ordinal) WHERE NOT EXISTS (SELECT 1 FROM sl_tombstones t "
                 "WHERE t.session_id = u.session_id) ORDER BY ordinal")
-            self.upsert_snapshot = (
-                f"INSERT INTO sl_snapshots ({snapshot_cols}) SELECT {snapshot} {no_tombstone} "
-                f"{on_conflict}")
+            # the snapshots of an append in one statement over arrays (as its events: no
+            # executemany)
+            self.upsert_snapshots_many = (
+                f"INSERT INTO sl_snapshots ({snapshot_cols}) SELECT {snapshot_cols} FROM "
+                "unnest(%s::varchar[], %s::int[], %s::smallint[], %s::smallint[], "
+                f"%s::bytea[], %s::bytea[], %s::bigint[]) AS u({snapshot_cols}) "
+                "WHERE NOT EXISTS (SELECT 1 FROM sl_tombstones t "
+                f"WHERE t.session_id = u.session_id) {on_conflict}")
             self.append_one = (
                 "WITH ordered AS (SELECT pg_advisory_xact_lock("
                 f"{_APPEND_LOCK_KEY}), pg_notify('{EVENTS_CHANNEL}', '')), "
@@ -926,7 +950,8 @@ class _Statements:
     session_ids: str
     insert_event_returning: str
     append_one: str
-    upsert_snapshot: str
+    upsert_snapshot: str  # SQLite's (executemany)
+    upsert_snapshots_many: str  # PostgreSQL's
     latest_snapshot: str
     latest_snapshot_upto: str
     newest_session_ids: str

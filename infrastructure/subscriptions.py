@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 
 from sessionledger.domain.errors import StorageError
 
-from .store import EVENTS_CHANNEL, EventStore
+from .store import EVENTS_CHANNEL, EventStore, drop_if_broken
 
 
 def tracked(name: str, position: object) -> int:
@@ -214,6 +214,9 @@ class SubscriptionStore:
         try:
             cursor.execute(str(compiled), args)
             return list(cursor.fetchall())
+        except Exception as error:
+            drop_if_broken(conn, error)
+            raise
         finally:
             cursor.close()
 
