@@ -18,7 +18,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from sessionledger.domain.errors import StorageError
 
 from . import schema
-from .store import EventStore, drop_if_broken, secure_delete
+from .store import EventStore, columns, drop_if_broken, secure_delete
 
 CATALOG_COLUMNS = ("session_id", "name", "status", "parent", "created_by", "created_ts",
                    "updated_ts", "version", "event_count", "last_checkpoint", "tags")
@@ -83,12 +83,12 @@ class CatalogStore:
                     f"INSERT INTO sl_catalog{suffix} ({_COLS}) SELECT * FROM unnest("
                     f"{', '.join(f'%s::{kind}[]' for kind in _PG_ARRAY_TYPES)}) "
                     f"ON CONFLICT (session_id) DO UPDATE SET {_UPDATES}",
-                    tuple(list(column) for column in zip(*rows, strict=True)))
+                    columns(rows))
             if tags:
                 conn.exec_driver_sql(
                     f"INSERT INTO sl_catalog_tags{suffix} (tag, session_id) SELECT * FROM "
                     "unnest(%s::varchar[], %s::varchar[]) ON CONFLICT DO NOTHING",
-                    tuple(list(column) for column in zip(*tags, strict=True)))
+                    columns(tags))
             return
         if rows:
             conn.exec_driver_sql(

@@ -167,6 +167,13 @@ def secure_delete(conn: Connection, mode: str) -> Iterator[None]:
         conn.exec_driver_sql(f"PRAGMA secure_delete={int(previous)}")
 
 
+def columns(rows: Sequence[Sequence[Any]]) -> tuple[list[Any], ...]:
+    """`rows` as one list per column: the parameters of a PostgreSQL insert over arrays
+    (unnest), which writes many rows in one statement where executemany would pipeline them
+    (psycopg), and a failure then logged "error ignored terminating Pipeline"."""
+    return tuple(list(column) for column in zip(*rows, strict=True))
+
+
 def drop_if_broken(conn: Connection, error: BaseException) -> None:
     """After `error` from a read on `conn`'s raw driver cursor (which SQLAlchemy does not see):
     when it means the connection is gone (the dialect's own test), tell SQLAlchemy, so the pool
@@ -443,11 +450,10 @@ class EventStore:
             # one statement over arrays, not executemany: psycopg pipelines that, and a lost
             # race (a unique violation) aborted the pipeline with a logged "error ignored
             # terminating Pipeline" warning each time
-            cursor = db.execute(sql.insert_events_many,
-                                [list(column) for column in zip(*rows, strict=True)])
-        else:
+            cursor = db.execute(sql.insert_events_many, columns(rows))
+        else:  # (SQLite's purge guard is a trigger: the plain insert)
             cursor = db.cursor()
-            cursor.executemany(sql.insert_event_checked, self._checked_rows(rows))
+            cursor.executemany(sql.insert_event, rows)
         if cursor.rowcount != len(rows):
             raise SessionGone
         return int(db.execute(sql.last_position).fetchone()[0])
@@ -463,8 +469,7 @@ class EventStore:
                 # one statement over arrays: psycopg pipelines executemany, and a connection
                 # lost meanwhile logged "error ignored terminating Pipeline" (a snapshot of a
                 # purged session is skipped by the statement's tombstone check)
-                db.execute(self._sql.upsert_snapshots_many,
-                           [list(column) for column in zip(*snapshots, strict=True)])
+                db.execute(self._sql.upsert_snapshots_many, columns(snapshots))
         except self._integrity_error as error:
             if _PURGED not in str(error):
                 raise
@@ -502,13 +507,6 @@ class EventStore:
         if inserted is None:
             raise SessionGone
         return int(inserted[0])
-
-    def _checked_rows(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[tuple[Any, ...]]:
-        """Parameters of the tombstone-checked inserts: PostgreSQL's name the session id twice
-        (SQLite's triggers need nothing more)."""
-        if self.dialect == "sqlite":
-            return rows
-        return [(*row, row[0]) for row in rows]
 
     def purge(
         self, session_id: str, name: str, final_status: str, micros: int,
@@ -900,15 +898,16 @@ class _Statements:
             "format_version = excluded.format_version, flags = excluded.flags, "
             "digest = excluded.digest, data = excluded.data, ts = excluded.ts")
         if dialect == "sqlite":
-            self.insert_event_checked = self.insert_event
             self.upsert_snapshot = (f"INSERT INTO sl_snapshots ({snapshot_cols}) "
                                     f"VALUES (?, ?, ?, ?, ?, ?, ?) {on_conflict}")
-        else:  # the session id is passed again at the end (EventStore._checked_rows)
+        else:
+            # one event, inserting nothing for a tombstoned session (the session id is passed
+            # again at the end: EventStore._insert_one)
             events = ", ".join(["%s"] * 8)
             no_tombstone = "WHERE NOT EXISTS (SELECT 1 FROM sl_tombstones WHERE session_id = %s)"
-            self.insert_event_checked = (
-                f"INSERT INTO sl_events ({cols}) SELECT {events} {no_tombstone}")
-            self.insert_event_returning = self.insert_event_checked + " RETURNING position"
+            self.insert_event_returning = (
+                f"INSERT INTO sl_events ({cols}) SELECT {events} {no_tombstone} "
+                "RETURNING position")
             # several events in one statement, inserted (and numbered) in the order given
             self.insert_events_many = (
                 f"INSERT INTO sl_events ({cols}) SELECT {cols} FROM unnest("
@@ -938,8 +937,6 @@ class _Statements:
         return sql if self.dialect == "sqlite" else sql.replace("?", "%s")
 
     insert_event: str
-    #: an event insert that inserts nothing for a tombstoned session
-    insert_event_checked: str
     insert_idempotency: str
     select_idempotency: str
     stream: str
