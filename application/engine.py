@@ -51,7 +51,7 @@ from .catalog import REBUILD_TRACKING as REBUILD_NAME
 from .catalog import Catalog, Page, ProjectionOutdated
 from .catalog import Progress as RebuildProgress
 from .config import SessionConfig
-from .parallel_verify import MAX_WORKERS, spawn_reruns_main, verify_in_processes
+from .parallel_verify import MAX_WORKERS, spawn_reruns_main, start_method, verify_in_processes
 from .repository import SessionRepository
 from .retention import CleanupReport, RetentionPolicy, last_ended
 from .subscribers import (
@@ -763,10 +763,11 @@ class SessionEngine:
         `session_id` (the audit issue's), and passing both is an InvalidArgument. `workers` > 1
         checks the sessions in that many processes (this one included), which take pieces of
         the log (by session id) as they get free; by default a log of more than 200,000 events
-        on a file or server database uses up to 4 (the CPUs there are), unless each worker
-        would run the main module's top level again (a script: multiprocessing's spawn
-        imports it in every worker). Pass `workers` from a script whose entry point is guarded
-        by ``if __name__ == "__main__":``.
+        on a file or server database uses up to 4 (the CPUs there are). The workers are
+        forked on Linux from a process that runs one thread, else spawned; a spawned worker
+        imports the main module again, so from a script (not the CLI or ``python -m``) the
+        default then stays one process: pass `workers` from a script whose entry point is
+        guarded by ``if __name__ == "__main__":``.
         """
         if sid is not None:
             if session_id is not None:
@@ -777,8 +778,15 @@ class SessionEngine:
             raise InvalidArgument(f"workers must be an int from 1 to {MAX_WORKERS}, got "
                                   f"{workers!r}")
         shared = not self._store.single_connection
+        method = "spawn"
+        if sid is None and shared and workers != 1:
+            # an earlier verify's closer thread (its workers are exiting) would make this
+            # process look multi-threaded, and the workers would be spawned, not forked
+            for closer in self._verify_closers:
+                closer.join()
+            method = start_method()
         if workers is None:
-            workers = self._auto_verify_workers(spawn_reruns_main())
+            workers = self._auto_verify_workers(method == "spawn" and spawn_reruns_main())
         verifier = Verifier(self._store, self._codec, self._repository)
         if sid is not None:
             report = verifier.run(sid)
@@ -789,7 +797,7 @@ class SessionEngine:
             return verifier.run()
         url = self._store.url.render_as_string(hide_password=False)
         config = dataclasses.replace(self.config, lifecycle_hooks=False, auto_rebuild=False)
-        report, closer = verify_in_processes(verifier, self._store, url, config, workers)
+        report, closer = verify_in_processes(verifier, self._store, url, config, workers, method)
         self._verify_closers = [t for t in self._verify_closers if t.is_alive()] + [closer]
         return report
 

@@ -1,14 +1,16 @@
-"""A parallel verify(): spawned worker processes that take pieces of the log beside the
-verifying process, end with it, and ignore the Ctrl-C it handles."""
+"""A parallel verify(): worker processes (forked where that is safe, else spawned) that take
+pieces of the log beside the verifying process, end with it, and ignore the Ctrl-C it handles."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -24,6 +26,8 @@ from .verify import Verifier, VerifyReport, merge, run_pieces, shards
 _VERIFY_PIECES_PER_PROCESS = 32
 #: the most processes a verify() may be asked for
 MAX_WORKERS = 64
+#: how many times (a millisecond apart) start_method looks for the OS threads to be one
+_THREAD_EXIT_POLLS = 20
 #: a verify worker process's share of the piece counter (set as the process starts)
 _verify_counter: Any = None
 
@@ -40,6 +44,44 @@ def spawn_reruns_main() -> bool:
     spec = getattr(main, "__spec__", None)
     name = getattr(spec, "name", None) or ""
     return not (name == "__main__" or name.endswith(".__main__"))
+
+
+def start_method() -> str:
+    """How a parallel verify starts its workers: "fork" on Linux while this process runs a
+    single thread, else "spawn". A forked worker is checking within milliseconds and runs
+    nothing again; a spawned one is a fresh interpreter that imports for about 0.2 s first
+    and runs the main module's top level again (spawn_reruns_main). Fork copies only the
+    calling thread: a lock another thread held (logging's, a pool's, a native library's)
+    would stay held in the worker for good, hence the one thread, counted by the OS so that
+    native threads count too; macOS's system libraries are not fork-safe at all."""
+    if sys.platform != "linux" or "fork" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    if threading.active_count() > 1:
+        return "spawn"
+    # a thread just joined (an earlier verify's closer) leaves the OS's list a moment later
+    for _ in range(_THREAD_EXIT_POLLS):
+        try:
+            if len(os.listdir("/proc/self/task")) == 1:
+                return "fork"
+        except OSError:
+            return "spawn"
+        time.sleep(0.001)
+    return "spawn"
+
+
+@contextlib.contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """The cyclic collector kept off every object there is while workers are forked: the
+    workers inherit them frozen, so a worker never collects garbage of this process (say a
+    dropped engine's pooled connections) and never runs its finalizers. Closing an inherited
+    connection in a worker would close the parent's: psycopg's PQfinish sends Terminate down
+    the shared socket, and SQLite forbids using a connection across a fork. A worker opens
+    its own engine and leaves through os._exit, which runs no finalizers."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def start_worker(counter: Any) -> None:
@@ -104,21 +146,24 @@ def verify_pieces(url: str, config: SessionConfig,
 
 
 def verify_in_processes(verifier: Verifier, store: EventStore, url: str, config: SessionConfig,
-                        workers: int) -> tuple[VerifyReport, threading.Thread]:
-    """Every session checked by this process and `workers - 1` spawned ones (each its own
-    engine on `url` with `config`); returns the merged report and the thread that waits for
-    the workers to exit (close() joins it)."""
-    context = multiprocessing.get_context("spawn")
+                        workers: int, method: str) -> tuple[VerifyReport, threading.Thread]:
+    """Every session checked by this process and `workers - 1` others started by `method`
+    ("fork" or "spawn", see start_method; each its own engine on `url` with `config`);
+    returns the merged report and the thread that waits for the workers to exit (close()
+    joins it)."""
+    context = multiprocessing.get_context(method)
     counter = context.Value("i", 0)
     # This process starts on the pieces at once; the workers take pieces once they are up
     # (a spawned worker spends 0.2 s importing). Measured on 500,000 events, 2 CPUs,
     # alternating runs: equal shards 2.62-2.72 µs an event, pieces 2.44-2.53.
-    # The workers are started first (a no-op task each: processes start on demand), so
-    # their imports overlap the query that cuts the pieces.
+    # The workers are started first (a no-op task each: spawned processes start on demand,
+    # forked ones all at the first task), so their start overlaps the query that cuts the
+    # pieces.
     pool = ProcessPoolExecutor(workers - 1, mp_context=context,
                                initializer=start_worker, initargs=(counter,))
     try:
-        with _workers_ignore_sigint():
+        frozen = _heap_frozen() if method == "fork" else contextlib.nullcontext()
+        with _workers_ignore_sigint(), frozen:
             for _ in range(workers - 1):
                 pool.submit(int)  # a process each, started here
         pieces = shards(store, workers * _VERIFY_PIECES_PER_PROCESS)
