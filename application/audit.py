@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from datetime import date, datetime, time, timezone
+from datetime import UTC, date, datetime, time
 from typing import Any
 from uuid import UUID
 
@@ -32,7 +32,7 @@ from sessionledger.domain.events import (
 from sessionledger.domain.session import Session
 from sessionledger.domain.values import parse_session_id
 from sessionledger.infrastructure import log_reads
-from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec
+from sessionledger.infrastructure.codec import GENESIS_DIGEST, EventCodec, datetime_from_iso
 from sessionledger.infrastructure.store import EventStore
 from sessionledger.projections.audit import BlameEntry, StateDiff, blame_key, diff_states
 from sessionledger.projections.replay import current_data, replay, session_events
@@ -56,11 +56,10 @@ def parse_time(value: object, what: str = "time") -> datetime:
     """
     if isinstance(value, str):
         text = value.strip()
-        # datetime.fromisoformat takes "Z" only from Python 3.11 on
-        if text[-1:] in ("Z", "z"):
+        if text[-1:] in ("Z", "z"):  # (fromisoformat takes "Z" after a time only)
             text = text[:-1] + "+00:00"
         try:
-            value = datetime.fromisoformat(text)
+            value = datetime_from_iso(text)
         except ValueError:
             raise InvalidArgument(
                 f"invalid {what} {value!r}: expected ISO 8601 such as 2026-11-25T10:00:00Z, "
@@ -74,9 +73,9 @@ def parse_time(value: object, what: str = "time") -> datetime:
             raise InvalidArgument(
                 f"invalid {what} {value!r}: its tzinfo gives no UTC offset ({error})"
             ) from None
-        return value if offset is not None else value.replace(tzinfo=timezone.utc)
+        return value if offset is not None else value.replace(tzinfo=UTC)
     if isinstance(value, date):
-        return datetime.combine(value, time(), tzinfo=timezone.utc)
+        return datetime.combine(value, time(), tzinfo=UTC)
     raise InvalidArgument(
         f"{what} must be a datetime or an ISO 8601 string, got {type(value).__name__}"
     )
@@ -137,10 +136,17 @@ class AuditQueries:
         if version is not None:
             latest = self._latest(sid)
             target = _checked_version(version, "version", 1, latest, sid)
-        else:
-            moment = parse_time(at, "at")
-            target = self._version_at(sid, to_micros(moment), moment)
-        return self._repository.load(sid, target)[0]
+            return self._repository.load(sid, target)[0]
+        moment = parse_time(at, "at")
+        target = self._version_at(sid, to_micros(moment), moment)
+        session, head = self._repository.load(sid, target)
+        # The search read raw times and found the event after `target` later than `at`: that
+        # event is checked on the chain too (the load checked 1..target), so a changed time
+        # is CorruptedData, never a wrong version. Genuine times never fall within a session.
+        following = self._store.stream(sid, target, target + 1)
+        if following:
+            self._codec.decode(sid, following, target, head)
+        return session
 
     def diff(self, session_id: str | UUID, a: int, b: int) -> StateDiff:
         """State keys added, changed and removed from version `a` to version `b`, each with the
@@ -309,6 +315,8 @@ class AuditQueries:
             rows = self._store.query(log_reads.VERSION_AT_SCAN, (sid, micros))
         version = int(rows[0][0] or 0)
         if version == 0:
+            # the first event's time decides: checked on the chain before it is believed
+            self._codec.decode(sid, self._store.stream(sid, 0, 1))
             first = self._store.query(log_reads.FIRST_EVENT, (sid,))
             started = to_datetime(first[0][0]).isoformat() if first else "later"
             raise InvalidArgument(

@@ -19,7 +19,6 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any, NoReturn
 
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
@@ -37,16 +36,13 @@ from .cli_audit import (
     jsonable,
     show_at,
     table,
+    table_time,
 )
 from .config import SessionConfig
 from .engine import SessionEngine
 from .parallel_verify import MAX_WORKERS
 from .retention import RetentionPolicy
 from .verify import VerifyReport
-
-
-def _short_time(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def cmd_ls(engine: SessionEngine, args: argparse.Namespace) -> None:
@@ -61,7 +57,7 @@ def cmd_ls(engine: SessionEngine, args: argparse.Namespace) -> None:
         return
     print(table(
         ["ID", "NAME", "STATUS", "VERSION", "TAGS", "UPDATED"],
-        [[s.id, s.name, s.status.value, s.version, ",".join(s.tags), _short_time(s.updated_at)]
+        [[s.id, s.name, s.status.value, s.version, ",".join(s.tags), table_time(s.updated_at)]
          for s in page],
     ))
     if page.next_cursor:

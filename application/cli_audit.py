@@ -177,7 +177,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def _time(moment: datetime) -> str:
+def table_time(moment: datetime) -> str:
     # the stored microseconds: a time copied from a table into --at, --since or --until
     # must name the same instant (milliseconds fell before the event they came from)
     return moment.isoformat(timespec="microseconds")
@@ -221,7 +221,7 @@ def print_events(events: Sequence[SessionEvent], as_json: bool) -> None:
         return
     print(table(
         ["VERSION", "TIME", "TYPE", "ACTOR", "DATA"],
-        [[e.version, _time(e.timestamp), e.type, e.actor or "-", compact(e.data)]
+        [[e.version, table_time(e.timestamp), e.type, e.actor or "-", compact(e.data)]
          for e in events],
     ))
 
@@ -299,7 +299,7 @@ def cmd_blame(engine: SessionEngine, args: argparse.Namespace) -> None:
         return
     print(table(
         ["VERSION", "TIME", "TYPE", "ACTOR", "VALUE"],
-        [[b.version, _time(b.timestamp), b.type, b.actor or "-",
+        [[b.version, table_time(b.timestamp), b.type, b.actor or "-",
           "(deleted)" if b.deleted else compact(b.value)] for b in entries],
     ))
 
@@ -332,7 +332,7 @@ def cmd_timeline(engine: SessionEngine, args: argparse.Namespace) -> None:
         header = [name for name, _, _ in _TIMELINE_COLUMNS] + ["DATA"]
         print("  ".join(h.ljust(w) for h, w in zip(header, [*widths, 0], strict=True)).rstrip())
         for e in shown:
-            cells = [str(e.position), _time(e.timestamp), e.session_id, e.session_name or "-",
+            cells = [str(e.position), table_time(e.timestamp), e.session_id, e.session_name or "-",
                      str(e.version), e.type, e.actor or "-"]
             print("  ".join(_cell(_shown(c), w, cut).ljust(w)
                             for c, w, cut in zip(cells, widths, cuts, strict=True))

@@ -26,6 +26,7 @@ from sessionledger.domain.errors import (
 from sessionledger.domain.events import (
     CHECKPOINT_TAKEN,
     EVENT_SCHEMAS,
+    MAX_MICROS,
     SESSION_RESTORED,
     SESSION_SAVED,
     SESSION_STARTED,
@@ -99,7 +100,7 @@ def new_session_id() -> str:
     cost 2.6 µs of a create whose budget over the raw INSERT is 30; this costs 1.4 µs.
     """
     global _last_id_ms
-    ms = time.time_ns() // 1_000_000
+    ms = max(time.time_ns() // 1_000_000, 0)  # (a clock set before 1970: see now_us)
     if ms <= _last_id_ms:
         ms = _last_id_ms + 1
     _last_id_ms = ms
@@ -112,8 +113,13 @@ def new_session_id() -> str:
 
 
 def now_us() -> int:
-    """Now, in microseconds since the epoch (how timestamps are stored)."""
-    return time.time_ns() // 1000
+    """Now, in microseconds since the epoch (how timestamps are stored), within the range every
+    reader accepts: a wall clock set before 1970 (a reset RTC, faketime) stamps the epoch
+    instead of a time that every later load, fold and verify would refuse as damage."""
+    micros = time.time_ns() // 1000
+    if 0 <= micros <= MAX_MICROS:  # (a compare, not min/max calls: on every command's path)
+        return micros
+    return 0 if micros < 0 else MAX_MICROS
 
 
 def checked_meta(

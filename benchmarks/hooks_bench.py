@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sessionledger.domain.events import SessionEvent
@@ -61,7 +61,7 @@ _LIFE: list[tuple[str, dict[str, Any]]] = [
 
 def build_events(n: int) -> list[SessionEvent]:
     """N events of whole session lifecycles (a realistic mix of types), in commit order."""
-    start = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2024, 1, 1, tzinfo=UTC)
     events: list[SessionEvent] = []
     while len(events) < n:
         sid = str(uuid.uuid4())

@@ -53,7 +53,7 @@ def _version(package: str) -> str:
 
 def facts(workdir: str) -> dict[str, str]:
     return {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
         "cores": f"{usable_cores()} usable ({os.cpu_count()} online)",
         "os": f"{platform.system()} {platform.release()}",

@@ -13,7 +13,7 @@ aggregate replays at about 21 µs per event here (see benchmarks/). Events are t
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from .errors import CorruptedData, InvalidArgument
@@ -113,15 +113,15 @@ def upcast(event_type: str, schema: int, data: dict[str, Any]) -> dict[str, Any]
     return data
 
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: the latest stored timestamp a datetime can hold (9999-12-31T23:59:59.999999Z)
-MAX_MICROS = (datetime.max.replace(tzinfo=timezone.utc) - EPOCH) // timedelta(microseconds=1)
+MAX_MICROS = (datetime.max.replace(tzinfo=UTC) - EPOCH) // timedelta(microseconds=1)
 
 
 #: below this many microseconds (2^32 s, the year 2106) micros / 1e6 is within 0.24 µs of the
 #: exact value (half a float ulp), so fromtimestamp's round-half-even gives the exact microsecond
 _FLOAT_EXACT_MICROS = 2**32 * 10**6
-_UTC = timezone.utc
+_UTC = UTC
 _from_timestamp = datetime.fromtimestamp
 
 
@@ -156,7 +156,7 @@ def event_time(session_id: str, version: int | None, micros: int) -> datetime:
 def to_micros(moment: datetime) -> int:
     """An aware datetime (naive ones are taken as UTC) as microseconds since the epoch."""
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return (moment - EPOCH) // timedelta(microseconds=1)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import struct
 import unicodedata
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -156,17 +156,24 @@ def _checked(value: Any, at: KeyPath, depth: int) -> Any:
 
 
 def _stored_datetime(moment: datetime, at: KeyPath) -> datetime:
-    """The datetime as the store gives it back: a zone (ZoneInfo, ...) becomes its fixed UTC
-    offset at that instant, so what the engine holds equals what a reload returns."""
+    """The datetime as the store gives it back, so what the engine holds equals what a reload
+    returns: a zone (ZoneInfo, ...) becomes its fixed UTC offset at that instant, a named
+    offset loses its name, and fold is 0."""
     tz = moment.tzinfo
-    if tz is None or type(tz) is timezone:
-        return moment
+    if tz is None:
+        # the stored text has no fold: the second 01:30 of a fall-back (fold=1) is the first
+        return moment.replace(fold=0) if moment.fold else moment
+    if tz is UTC:
+        return moment.replace(fold=0) if moment.fold else moment
     try:
         offset = moment.utcoffset()
     except Exception as error:  # a user's tzinfo: it may raise anything
         raise UnsupportedValue(
             key_path(at), f"datetime whose tzinfo gives no UTC offset ({error!r})") from None
-    return moment if offset is None else moment.replace(tzinfo=timezone(offset))
+    if offset is None:
+        return moment.replace(fold=0) if moment.fold else moment
+    # a fixed offset is stored as its offset only: a name (timezone(offset, "CET")) is lost
+    return moment.replace(tzinfo=timezone(offset), fold=0)
 
 
 def _check_encodable(text: str, at: KeyPath) -> None:

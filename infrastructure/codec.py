@@ -54,7 +54,9 @@ def _default(obj: Any) -> msgpack.ExtType:
 _OFFSET_WITH_SECONDS = re.compile(r"([+-])(\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?$")
 
 
-def _datetime_from_iso(text: str) -> datetime:
+def datetime_from_iso(text: str) -> datetime:
+    """datetime.fromisoformat, with a UTC offset's seconds and microseconds kept; ValueError
+    for text it does not read."""
     moment = datetime.fromisoformat(text)
     exact = _OFFSET_WITH_SECONDS.search(text)
     if exact is not None:
@@ -71,7 +73,7 @@ def ext_hook(code: int, data: bytes) -> Any:
     """msgpack's ext_hook for our ext types (datetime, UUID, Decimal); public for verify(),
     which unpacks payloads in its own loop."""
     if code == EXT_DATETIME:
-        return _datetime_from_iso(data.decode())
+        return datetime_from_iso(data.decode())
     if code == EXT_UUID:
         return UUID(bytes=data)
     if code == EXT_DECIMAL:

@@ -11,7 +11,7 @@ import sys
 import tracemalloc
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -42,7 +42,7 @@ from sessionledger.projections.audit import (
 )
 from sessionledger.projections.replay import replay
 
-T0 = datetime(2026, 11, 25, 10, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -483,7 +483,7 @@ def test_filtered_history_never_serves_a_stream_that_fails_the_chain_check(
 
 
 def test_parse_time() -> None:
-    utc = timezone.utc
+    utc = UTC
     assert parse_time("2026-11-25T10:00:00Z") == datetime(2026, 11, 25, 10, tzinfo=utc)
     assert parse_time("2026-11-25T11:00:00+01:00") == datetime(2026, 11, 25, 10, tzinfo=utc)
     assert parse_time("2026-11-25") == datetime(2026, 11, 25, tzinfo=utc)
@@ -701,7 +701,7 @@ def test_cli_show_at(engine_factory: EngineFactory, cli: Cli) -> None:
     assert at5["version"] == 5 and at5["status"] == "ACTIVE" and at5["state"]["n"] == 1.0
     assert "blob" not in at5["state"] and at5["checkpoints"] == {"cp": 4}
     when = engine.history(sid)[6].timestamp
-    iso = when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    iso = when.astimezone(UTC).isoformat().replace("+00:00", "Z")
     assert cli.json("show", sid, "--at", iso)["version"] == 7
     table = cli.ok("show", sid, "--at", "2")
     assert "version      2" in table and '"list": [' in table

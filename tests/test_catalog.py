@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -298,7 +298,7 @@ def test_find_over_many_sessions_is_indexed(engine_factory: EngineFactory,
 
 def test_updated_at_filters_accept_naive_and_aware(engine: SessionEngine) -> None:
     sid = engine.create("a")
-    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    later = datetime.now(UTC) + timedelta(hours=1)
     assert [i.id for i in engine.find(updated_before=later)] == [sid]
     assert [i.id for i in engine.find(updated_before=later.replace(tzinfo=None))] == [sid]
     assert list(engine.find(updated_after=later)) == []

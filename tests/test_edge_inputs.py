@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -80,10 +80,10 @@ def test_str_enum_members_are_stored_as_their_text(engine_factory: EngineFactory
 def test_subclasses_of_value_types_are_stored_as_their_base_values(
     engine_factory: EngineFactory,
 ) -> None:
-    moment = LyingTime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)
+    moment = LyingTime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
     values = {"time": moment, "decimal": LyingDecimal("1.25"), "float": LyingFloat(2.5),
               "uuid": SubUUID(int=7), "level": Level.HIGH}
-    expected = {"time": datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc),
+    expected = {"time": datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
                 "decimal": Decimal("1.25"), "float": 2.5, "uuid": uuid.UUID(int=7), "level": 3}
     writer = engine_factory()
     sid = writer.create("s", state=values)
@@ -119,7 +119,7 @@ def test_list_sessions_takes_any_limit(engine_factory: EngineFactory) -> None:
 def test_find_reads_times_as_history_does(engine_factory: EngineFactory) -> None:
     engine = engine_factory()
     sid = engine.create("s")
-    day = datetime.now(timezone.utc).date()
+    day = datetime.now(UTC).date()
     assert [s.id for s in engine.find(updated_after=day - timedelta(days=1))] == [sid]
     assert [s.id for s in engine.find(updated_before=day - timedelta(days=1))] == []
     assert [s.id for s in engine.find(updated_after="2000-01-01T00:00:00z")] == [sid]

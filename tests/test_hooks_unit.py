@@ -7,7 +7,7 @@ import logging
 import math
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from sessionledger.projections.hooks import (
 )
 from sessionledger.projections.metrics import MetricsHook
 
-T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 A = str(uuid.UUID(int=1))
 B = str(uuid.UUID(int=2))
 C = str(uuid.UUID(int=3))

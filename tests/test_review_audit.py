@@ -207,7 +207,7 @@ def test_audit_queries_on_a_purged_session_raise_session_purged(
     assert sid in engine.cleanup(RetentionPolicy(max_age=0, purge=True)).session_ids
     calls = {
         "state_at version": lambda: engine.state_at(sid, version=1),
-        "state_at at": lambda: engine.state_at(sid, at=dt.datetime.now(dt.timezone.utc)),
+        "state_at at": lambda: engine.state_at(sid, at=dt.datetime.now(dt.UTC)),
         "diff": lambda: engine.diff(sid, 1, 2),
         "blame": lambda: engine.blame(sid, "k"),
         "history": lambda: engine.history(sid),

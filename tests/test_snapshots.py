@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -121,7 +121,7 @@ def test_snapshot_load_equals_full_replay(engine_factory: EngineFactory,
                                           backend: Backend) -> None:
     writer = engine_factory(snapshot_every=7)
     values = {"uuid": uuid.uuid4(), "dec": Decimal("1.50"), "when":
-              datetime(2030, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc), "bytes": b"\x00\xff",
+              datetime(2030, 1, 2, 3, 4, 5, 6, tzinfo=UTC), "bytes": b"\x00\xff",
               "nested": {"a": [1, 2.5, None, True, "x"]}}
     sid = writer.create("s", tags=["t1", "t2"], metadata={"m": 1}, state=values)
     for n in range(20):

@@ -7,7 +7,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ def full_lifecycle(engine: SessionEngine, **create: Any) -> str:
     """A session that went through every event type."""
     sid = engine.create("full", tags=["t"], metadata={"m": 1}, state={"step": 0},
                         actor="alice", correlation_id="c-1", **create)
-    engine.update(sid, {"step": 1, "when": datetime(2024, 5, 6, tzinfo=timezone.utc)},
+    engine.update(sid, {"step": 1, "when": datetime(2024, 5, 6, tzinfo=UTC)},
                   actor="bob")
     engine.record(sid, "tool_call", {"tool": "search", "price": Decimal("9.99")})
     engine.checkpoint(sid, "cp")
@@ -252,7 +252,7 @@ def test_stored_timestamps_and_metadata_columns(engine_factory: EngineFactory,
     stamps = [row[2] for row in rows]
     assert stamps == sorted(stamps)
     assert [e.timestamp for e in history] == [
-        datetime.fromtimestamp(ts // 1_000_000, timezone.utc).replace(microsecond=ts % 1_000_000)
+        datetime.fromtimestamp(ts // 1_000_000, UTC).replace(microsecond=ts % 1_000_000)
         for ts in stamps
     ]
 
@@ -498,7 +498,7 @@ def test_values_survive_reopening_exactly(engine_factory: EngineFactory) -> None
     values = {
         "uuid": uuid.uuid4(),
         "decimal": Decimal("-12345.678900"),
-        "aware": datetime(2030, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc),
+        "aware": datetime(2030, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
         "naive": datetime(2030, 1, 1),
         "bytes": os.urandom(64),
         "nested": {"t": (1, 2), "l": [None, True, 2.5]},

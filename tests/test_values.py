@@ -9,7 +9,7 @@ import os
 import struct
 import uuid
 from collections.abc import Callable
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -57,7 +57,7 @@ SAMPLES: dict[str, Any] = {
     "dict_empty": {},
     "dict_nested": {"a": {"b": {"c": [1, {"d": "e"}]}}, "": "empty key", "\u00e9": 1},
     "datetime_naive": datetime(2024, 2, 29, 23, 59, 58, 123456),
-    "datetime_utc": datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc),
+    "datetime_utc": datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
     "datetime_ist": datetime(2023, 6, 1, 12, 0, tzinfo=IST),
     "datetime_pst": datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=PST),
     "datetime_min": datetime.min,
@@ -186,7 +186,7 @@ def test_large_values_round_trip_and_are_compressed(
     engine_factory: EngineFactory, backend: Backend
 ) -> None:
     big_text = "sessionledger " * 20_000  # ~280 kB, compresses well
-    big_list = [{"i": i, "name": f"item-{i}", "when": datetime(2024, 1, 1, tzinfo=timezone.utc)}
+    big_list = [{"i": i, "name": f"item-{i}", "when": datetime(2024, 1, 1, tzinfo=UTC)}
                 for i in range(2000)]
     random_bytes = os.urandom(50_000)  # does not compress
     writer = engine_factory()
@@ -231,7 +231,7 @@ def test_compress_threshold_config(engine_factory: EngineFactory, threshold: int
 # -- generated nested values ------------------------------------------------------------------
 
 _FIXED_OFFSETS = st.sampled_from([
-    timezone.utc, IST, PST, timezone(timedelta(hours=14)), timezone(timedelta(hours=-12)),
+    UTC, IST, PST, timezone(timedelta(hours=14)), timezone(timedelta(hours=-12)),
     timezone(timedelta(minutes=45)),
 ])
 
@@ -379,7 +379,7 @@ EQUAL_BUT_DIFFERENT = [
     pytest.param([1], [1.0], id="nested-int-to-float"),
     pytest.param({"k": 1}, {"k": True}, id="nested-int-to-bool"),
     pytest.param(Decimal("1.0"), Decimal("1.00"), id="decimal-precision"),
-    pytest.param(datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc),
+    pytest.param(datetime(2024, 1, 1, 12, 0, tzinfo=UTC),
                  datetime(2024, 1, 1, 17, 30, tzinfo=IST), id="datetime-offset"),
 ]
 
@@ -414,7 +414,7 @@ def test_update_with_the_same_nan_changes_nothing(engine: SessionEngine) -> None
 
 # -- stored timestamps ----------------------------------------------------------------------------
 
-_EXACT_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EXACT_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @given(st.integers(min_value=0, max_value=MAX_MICROS))

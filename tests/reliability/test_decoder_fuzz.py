@@ -13,7 +13,7 @@ SESSIONLEDGER_FUZZ_EXAMPLES (default 500 per test) for a longer run, e.g. 20000.
 from __future__ import annotations
 
 import os
-from datetime import timezone
+from datetime import UTC
 from typing import Any
 
 import blake3
@@ -340,8 +340,8 @@ GOOD_SNAPSHOT_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "parent": st.none(),
     "created_us": SANE_TS,
     "updated_us": SANE_TS,
-    "created_at": st.datetimes(timezones=st.just(timezone.utc)),
-    "updated_at": st.datetimes(timezones=st.just(timezone.utc)),
+    "created_at": st.datetimes(timezones=st.just(UTC)),
+    "updated_at": st.datetimes(timezones=st.just(UTC)),
     "checkpoints": st.dictionaries(st.text(max_size=4), st.integers(1, 5), max_size=2),
     "saved": st.one_of(st.none(), st.integers(1, 5)),
     "last_saved": st.one_of(st.none(), st.integers(1, 5)),

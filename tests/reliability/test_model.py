@@ -51,7 +51,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar
@@ -120,7 +120,7 @@ def _offsets() -> st.SearchStrategy[timezone]:
     seconds = st.integers(min_value=-(24 * 3600 - 1), max_value=24 * 3600 - 1)
     minutes = st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1).map(lambda m: m * 60)
     return st.one_of(st.just(0), minutes, seconds).map(
-        lambda s: timezone.utc if s == 0 else timezone(timedelta(seconds=s))
+        lambda s: UTC if s == 0 else timezone(timedelta(seconds=s))
     )
 
 
@@ -155,7 +155,7 @@ _NOON = datetime(2026, 1, 1, 12)
 LOOKALIKES = [
     0, 0.0, -0.0, False, 1, 1.0, True, Decimal("1"), Decimal("1.0"), Decimal("1E+0"),
     math.nan, -math.nan, None, "", b"", "1", b"1", [], {}, [1], [1.0], [True], {"x": 1},
-    {"x": 1.0}, _NOON, _NOON.replace(tzinfo=timezone.utc),
+    {"x": 1.0}, _NOON, _NOON.replace(tzinfo=UTC),
     (_NOON + timedelta(hours=1)).replace(tzinfo=timezone(timedelta(hours=1))),
 ]
 STATE_VALUES = st.one_of(VALUES, st.sampled_from(LOOKALIKES))

@@ -4,7 +4,7 @@ by tests/test_review_contract.py: the hints must accept what the README says the
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 from sessionledger import BlameEntry, SessionEngine, StateDiff, VerifyReport
 
@@ -14,7 +14,7 @@ def exercise(engine: SessionEngine, wait: bool, fmt: str) -> list[object]:
     sid = engine.create("typed", state={"step": 0})
     engine.update(sid, {"step": 1})
     day = date(2000, 1, 1)
-    later = datetime(2100, 1, 1, tzinfo=timezone.utc)
+    later = datetime(2100, 1, 1, tzinfo=UTC)
     diff: StateDiff = engine.diff(sid, 1, 2)
     blame: list[BlameEntry] = engine.blame(sid, "step")
     report: VerifyReport = engine.verify(sid=sid)
