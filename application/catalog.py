@@ -319,7 +319,7 @@ class Catalog:
         with subs.transaction(REBUILD_TRACKING) as (conn, _):
             self.tables.create_next(conn)
         try:
-            return self._fill_and_swap(progress)
+            return self._fill_and_swap(progress, swaps)
         except SessionLedgerError:
             # Only what another engine's swap explains is not an error: it swapped the "_next"
             # tables this rebuild was filling in (and another rebuild may have made new ones
@@ -363,7 +363,9 @@ class Catalog:
             subs.advance(conn, REBUILD_TRACKING, upto)
             return max(handled, 1)
 
-    def _fill_and_swap(self, progress: Progress | None) -> int:
+    def _fill_and_swap(self, progress: Progress | None, swaps: int) -> int:
+        """Fold the log into the "_next" tables and swap them in; `swaps`: the swap count when
+        this rebuild began."""
         subs = self.subscriptions
         started = time.perf_counter()
         first = subs.position(REBUILD_TRACKING)
@@ -384,6 +386,13 @@ class Catalog:
         # the swap: fold what came meanwhile, then rename, in one transaction that holds the
         # live catalog's tracking row (no live batch can interleave)
         with subs.transaction(CATALOG, hold_off_purges=True) as (conn, _):
+            if self._swaps(conn) != swaps:
+                # another engine swapped this rebuild's tables in meanwhile (swaps take turns
+                # on the catalog's row, held here): done. The "_next" tables and tracking row
+                # there may be now are a later rebuild's, which this one must not fold into
+                # (PostgreSQL: its windows and this swap deadlocked on the tables)
+                log.info("catalog rebuild finished by another engine")
+                return 0
             # the rebuild's tracking row locked and read in this transaction: a window another
             # engine's rebuild folds meanwhile commits first (and is read) or waits for the
             # swap (and then finds its tables gone); read outside, such a window was folded

@@ -104,7 +104,7 @@ def test_a_failing_rebuild_is_an_error_not_a_rebuild_done_elsewhere(
     outdated = engine_factory(auto_rebuild=False)
     catalog = outdated._catalog
 
-    def fail(progress: object) -> int:
+    def fail(progress: object, swaps: int) -> int:
         with catalog.subscriptions.transaction("catalog:rebuild") as (conn, _):
             conn.exec_driver_sql("DROP TABLE sl_catalog_tags_next")
             conn.exec_driver_sql("DROP TABLE sl_catalog_next")
