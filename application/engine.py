@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import date, datetime
 from typing import Any, Literal, overload
@@ -69,6 +70,10 @@ from .writer import Decision, SessionWriter, checked_meta, now_us
 
 #: a log longer than this is verified by several processes by default
 _PARALLEL_VERIFY_FROM = 200_000
+#: the engines open in this process, for the fork handler (the end of this module)
+_open_engines: weakref.WeakSet[SessionEngine] = weakref.WeakSet()
+#: in a forked process, the runners its engines had from the parent (see _after_fork_in_child)
+_inherited_runners: list[Any] = []
 
 
 #: restore_recent() brings back at most this many sessions per call
@@ -149,6 +154,18 @@ class SessionEngine:
         except BaseException:
             self._store.close()
             raise
+        _open_engines.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked process (the store connects anew by itself): fresh locks, and no
+        runner (its thread did not come along; its objects are kept, unused, since
+        finalizing a runner's listening connection would end the parent's)."""
+        self._runners_lock._at_fork_reinit()  # type: ignore[attr-defined]
+        self.hooks.after_fork_in_child()
+        self._subscriptions.after_fork_in_child()
+        _inherited_runners.append(self._runners)
+        self._runners = []
+        self._verify_closers = []
 
     def _install_lifecycle_hooks(self) -> None:
         metrics = MetricsHook()
@@ -174,22 +191,38 @@ class SessionEngine:
     def close(self) -> None:
         """Stop the background subscriber runners this engine started (waiting up to 10 s for
         each: a runner whose handler still runs then is left to end its batch, with a logged
-        warning) and release the database connection. The engine cannot be used afterwards."""
+        warning) and release the database connection. The engine cannot be used afterwards.
+        Called by a durable handler on a background runner, it returns at once, and the engine
+        closes when that handler's batch has committed."""
         with self._runners_lock:
             self._closing = True
             runners, self._runners = self._runners, []
-        # outside the engine's lock: a runner takes it to list its subscribers
-        for runner in runners:
-            if runner.running:  # (one its owner stopped may still end its batch: wait too)
-                runner.stop()
-        # the worker processes of parallel verifies exit now: wait here, where a Ctrl-C is
-        # the caller's to handle, not in the interpreter's exit ("Exception ignored")
-        for closer in self._verify_closers:
-            closer.join()
-        self._verify_closers.clear()
+        # a durable handler on a background runner closing the engine: that runner cannot
+        # wait for itself; it stops, and closes the store, once its batch has committed (the
+        # store closed under it, its position would not move, and the handler would see the
+        # same event again, its close() too, at every start)
+        own = next((runner for runner in runners if runner.on_its_thread), None)
+        try:
+            # outside the engine's lock: a runner takes it to list its subscribers
+            for runner in runners:
+                if runner.running:  # (one its owner stopped may still end its batch: wait too)
+                    runner.stop()
+            # the worker processes of parallel verifies exit now: wait here, where a Ctrl-C
+            # is the caller's to handle, not in the interpreter's exit ("Exception ignored")
+            for closer in self._verify_closers:
+                closer.join()
+            self._verify_closers.clear()
+        finally:  # (interrupted while it waited: closed all the same)
+            if own is None:
+                self._close_store()
+            else:
+                own.after_stop = self._close_store
+
+    def _close_store(self) -> None:
         with self._lock:
             self._writer.clear()
             self._store.close()
+        _open_engines.discard(self)
 
     def __enter__(self) -> SessionEngine:
         return self
@@ -847,3 +880,12 @@ class SessionEngine:
     ) -> int:
         return self._writer.command(session_id, decide, actor, correlation_id,
                                     idempotency_key, expected_version)
+
+
+def _engines_after_fork_in_child() -> None:
+    for engine in list(_open_engines):
+        with contextlib.suppress(Exception):
+            engine._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_engines_after_fork_in_child)

@@ -235,6 +235,8 @@ class SubscriberThread:
         self._stopping = threading.Event()
         #: the last failure of each subscriber (it is retried after a pause)
         self.errors: dict[str, BaseException] = {}
+        #: called on the runner's thread as it ends (engine.close() from one of its handlers)
+        self.after_stop: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, name="sessionledger-subscribers",
                                         daemon=True)
         self._thread.start()
@@ -245,6 +247,8 @@ class SubscriberThread:
             while not self._stopping.is_set():
                 busy = False
                 for consumer in self._consumers():
+                    if self._stopping.is_set():  # (stopped by a handler of this batch)
+                        break
                     if backoff.get(consumer.name, 0.0) > time.monotonic():
                         continue
                     try:
@@ -259,6 +263,13 @@ class SubscriberThread:
                     self._waker.wait(self._max_wait)
         finally:
             self._waker.close()
+            if self.after_stop is not None:
+                self.after_stop()
+
+    @property
+    def on_its_thread(self) -> bool:
+        """True when called from the runner's own thread (from one of its handlers)."""
+        return self._thread is threading.current_thread()
 
     @property
     def running(self) -> bool:
@@ -271,6 +282,8 @@ class SubscriberThread:
         batch still runs (a handler that blocks): that batch may still commit, and the runner
         stops after it. A warning is logged then."""
         self._stopping.set()
+        if self.on_its_thread:
+            return False  # asked by its own handler: it stops once this batch has committed
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("the subscriber runner did not stop within %s s: a handler still runs, "

@@ -224,6 +224,9 @@ class SessionWriter:
                                     max(now, session.updated_us))
                 decided.append((session, pending, rows))
             all_rows = [row for _, _, rows in decided for row in rows]
+            # out of the working set until the commit is in (see command())
+            for session, _, _ in decided:
+                self._working_set.pop(session.id, None)
             try:
                 snapshots = []
                 for session, pending, rows in decided:
@@ -232,9 +235,6 @@ class SessionWriter:
                     snapshots.extend(self._apply_committing(session, pending, rows, rows[-1][3]))
                 position = self._store.append(all_rows, None, snapshots)
             except BaseException as error:
-                # the sessions have applied the batch's events, which were not written
-                for session, _, _ in decided:
-                    self._working_set.pop(session.id, None)
                 if isinstance(error, SessionGone):
                     # a session of the batch was purged meanwhile: decide again without it
                     # (only purged ones leave; a purge is no lost race, so no retry is spent)
@@ -322,15 +322,18 @@ class SessionWriter:
                 rows = self._encode(session, head, pending, actor, correlation_id, now)
                 last_version = rows[-1][1] if rows else session.version
                 idem = None if key is None else (sid, key, sid, last_version)
+                # Applied before the commit so a due snapshot holds the new state. The session
+                # leaves the working set until the commit is in, so a half-applied copy is never
+                # served: not after a failure, nor after an interrupt (Ctrl-C) that lands
+                # between the commit and _remember, which would leave the working set holding
+                # the new version with the chain head of the one before (the next command then
+                # chained to the wrong digest, and the session read as tampered for good).
+                self._working_set.pop(sid, None)
                 try:
-                    # applied before the commit so a due snapshot holds the new state; on any
-                    # failure below the session leaves the working set, so a half-applied copy
-                    # is never served
                     snapshots = self._apply_committing(session, pending, rows, now)
                     position = self._store.append(rows, idem, snapshots)
                 except VersionConflict:
                     # another engine wrote this session meanwhile: re-read it and decide again
-                    self._working_set.pop(sid, None)
                     if expected_version is not None or attempt >= self.config.retries:
                         raise ConcurrencyConflict(
                             sid, last_version - len(rows),
@@ -339,15 +342,9 @@ class SessionWriter:
                     attempt += 1
                     continue
                 except IdempotencyKeyUsed as used_key:
-                    self._working_set.pop(sid, None)
                     return used_key.version
                 except SessionGone:  # purged meanwhile (by another engine): nothing written
-                    self._working_set.pop(sid, None)
                     raise self.not_found(sid) from None
-                except BaseException:
-                    # a lost connection may leave the commit's fate unknown: re-read next time
-                    self._working_set.pop(sid, None)
-                    raise
                 if rows:
                     self._remember(session, rows[-1][7])
                     if self.hooks.active:

@@ -14,6 +14,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, cast
 
@@ -190,8 +191,44 @@ def drop_if_broken(conn: Connection, error: BaseException) -> None:
 PG_MAX_CONNECTIONS = 32
 
 
+#: the stores open in this process, for the fork handler below
+_open_stores: weakref.WeakSet[EventStore] = weakref.WeakSet()
+#: in a forked process, what the stores had from the parent: kept, never used, never released
+#: (a finalizer would reset or close a connection the parent still uses)
+_inherited: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_open_stores):
+        with contextlib.suppress(Exception):
+            store.after_fork_in_child()
+
+
+class _ConnectOnUse:
+    """The store's connection in a forked process until its first use, which connects anew:
+    connecting in the fork handler would cost every child a connection, used or not."""
+
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        store = self._store
+        if store._db is self:  # (a caller may hold this object: it connects once)
+            with store.storage_errors("reconnect to"):
+                store._connect()
+        return getattr(store._db, name)
+
+
 class EventStore:
-    """Appends and reads session events on SQLite or PostgreSQL."""
+    """Appends and reads session events on SQLite or PostgreSQL.
+
+    An open store survives a fork (a pre-fork server such as gunicorn --preload, Celery's
+    prefork pool, multiprocessing's fork start method): the new process connects anew and never
+    uses, closes or finalizes a connection of its parent (one server connection used by two
+    processes mixes their replies; a SQLite connection used across a fork loses writes). The
+    fork must happen while no other thread is inside the store: a connection that thread was
+    using is left as it was.
+    """
 
     def __init__(self, url: str | URL | None = None, durability: str = "full") -> None:
         self.url = resolve_url(url)
@@ -208,6 +245,8 @@ class EventStore:
         #: per thread: >0 while it holds SQLite's write lock on another connection (a
         #: transactional subscriber's batch), see holding_write_lock()
         self._write_lock_held = threading.local()
+        #: SQLite: the driver connections open now (by id), which a forked process closes
+        self._sqlite_connections: dict[int, sqlite3.Connection] = {}
         self.engine = self._create_engine(durability)
         if self.dialect == "sqlite":
             # take the write lock up front, never mid-way (no upgrade deadlocks)
@@ -223,6 +262,7 @@ class EventStore:
         self._integrity_error: type[Exception] = self.engine.dialect.loaded_dbapi.IntegrityError
         self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
         self._sql = _Statements(self.dialect)
+        _open_stores.add(self)
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -244,9 +284,11 @@ class EventStore:
                     **({} if self.single_connection else {"max_overflow": -1}),
                 )
                 sync = DURABILITY_PRAGMAS[durability]
+                opened = self._sqlite_connections
 
                 @sa_event.listens_for(engine, "connect")
                 def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+                    opened[id(dbapi_connection)] = dbapi_connection
                     previous = dbapi_connection.isolation_level
                     dbapi_connection.isolation_level = None
                     _set_wal(dbapi_connection)
@@ -257,6 +299,10 @@ class EventStore:
                     dbapi_connection.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
                     dbapi_connection.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
                     dbapi_connection.isolation_level = previous
+
+                @sa_event.listens_for(engine, "close")
+                def _closed(dbapi_connection: Any, _record: Any) -> None:
+                    opened.pop(id(dbapi_connection), None)
 
             else:
                 # pre_ping: a pooled connection the server dropped while it was idle (a restart,
@@ -278,7 +324,7 @@ class EventStore:
 
     def _connect(self) -> None:
         """Take the connection the hot path uses for the store's life (re-taken if it breaks)."""
-        self._fairy = self.engine.raw_connection()
+        self._fairy: Any = self.engine.raw_connection()
         # the driver's own connection (sqlite3 / psycopg), typed loosely: the two differ
         self._db: Any = cast(Any, self._fairy.dbapi_connection)
         if self.dialect == "sqlite":
@@ -370,9 +416,38 @@ class EventStore:
             if self._closed:
                 return
             self._closed = True
-            with contextlib.suppress(Exception):
-                self._fairy.close()
+            if not isinstance(self._fairy, _ConnectOnUse):  # (forked, never used since)
+                with contextlib.suppress(Exception):
+                    self._fairy.close()
             self.engine.dispose()
+        _open_stores.discard(self)
+
+    def after_fork_in_child(self) -> None:
+        """In a forked process (os.register_at_fork): fresh locks (one another thread of the
+        parent held stays held for good), and connections of this process's own. An in-memory
+        SQLite database was copied with the process: it keeps its connection."""
+        for lock in {id(self._lock): self._lock, id(self.commands_lock): self.commands_lock
+                     }.values():
+            lock._at_fork_reinit()  # type: ignore[attr-defined]
+        self._write_lock_held = threading.local()
+        if self.single_connection or self._closed:
+            return
+        _inherited.append((self._fairy, self.engine.pool))
+        if self.dialect == "sqlite":
+            # SQLite keeps one lock state per file and process, which connections opened
+            # here would share with inherited ones still open: such a process took no lock
+            # of its own, and once the parent closed its last connection, SQLite deleted the
+            # write-ahead log this process was writing to (every write since lost). Closing
+            # an idle inherited connection touches nothing of the parent's.
+            for connection in list(self._sqlite_connections.values()):
+                if not connection.in_transaction:
+                    with contextlib.suppress(Exception):
+                        connection.close()
+            self._sqlite_connections.clear()
+        # the pool starts empty; the parent's connections are dropped unclosed (psycopg does
+        # not end a connection that another process made when it is collected) and kept
+        self.engine.dispose(close=False)
+        self._fairy = self._db = _ConnectOnUse(self)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -606,8 +681,20 @@ class EventStore:
         self.append((), None, snapshots)
 
     def _rollback_quietly(self) -> None:
-        with contextlib.suppress(Exception):
-            self._db.execute("ROLLBACK")
+        """ROLLBACK, whatever it raises; an interrupt (a second Ctrl-C) that lands in it is
+        raised after the rollback ran: left undone, SQLite's connection kept its BEGIN
+        IMMEDIATE, holding the database's write lock while idle, and failed the next command
+        ("cannot start a transaction within a transaction")."""
+        interrupted: BaseException | None = None
+        for _ in range(3):
+            try:
+                with contextlib.suppress(Exception):
+                    self._db.execute("ROLLBACK")
+                break
+            except BaseException as interrupt:
+                interrupted = interrupt
+        if interrupted is not None:
+            raise interrupted
 
     @contextlib.contextmanager
     def holding_write_lock(self) -> Iterator[None]:
@@ -954,3 +1041,6 @@ class _Statements:
     newest_session_ids: str
     load: str
     load_upto: str
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -64,6 +64,10 @@ class SubscriptionStore:
         #: the server sees no deadlock, as the holder is idle in its transaction)
         self._rows_held = threading.local()
 
+    def after_fork_in_child(self) -> None:
+        """In a forked process: no tracking row is held by it."""
+        self._rows_held = threading.local()
+
     # -- positions -------------------------------------------------------------------------
 
     def head(self) -> int:

@@ -218,6 +218,11 @@ class HookRegistry:
         self._lock = threading.Lock()  # serialises writers only; dispatch never takes it
         self._errors = 0
 
+    def after_fork_in_child(self) -> None:
+        """In a forked process: a fresh lock (one another thread of the parent held stays
+        held for good)."""
+        self._lock._at_fork_reinit()  # type: ignore[attr-defined]
+
     @property
     def active(self) -> bool:
         """True when at least one hook is subscribed (the engine skips building events if not)."""
