@@ -55,9 +55,9 @@ def test_a_rebuild_swapped_in_by_another_engine_leaves_a_later_rebuild_alone(
 
 # -- an engine that crosses a fork (a pre-fork server: gunicorn --preload, Celery prefork) ------
 
-def in_forked_child(work: Callable[[], int], seconds: int = 30) -> int:
+def start_forked(work: Callable[[], int], seconds: int = 60) -> int:
     """fork; the child runs `work` (its return value is the exit status; an exception is 70,
-    a hang is ended by SIGALRM) and never returns to pytest; the parent gets the status."""
+    a hang is ended by SIGALRM) and never returns to pytest; the parent gets the child's pid."""
     pid = os.fork()
     if pid == 0:
         status = 70
@@ -68,6 +68,10 @@ def in_forked_child(work: Callable[[], int], seconds: int = 30) -> int:
             traceback.print_exc()
         finally:
             os._exit(status)
+    return pid
+
+
+def exit_code(pid: int) -> int:
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
@@ -91,20 +95,10 @@ def test_a_forked_process_uses_connections_of_its_own(
         engine.close()
         return 0
 
-    pid = os.fork()
-    if pid == 0:  # (as in_forked_child, with the parent working meanwhile)
-        code = 70
-        try:
-            signal.alarm(60)
-            code = child()
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
+    pid = start_forked(child)
     for n in range(1, 41):
         assert engine.update(parent_sid, {"n": n}) == n + 1
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert exit_code(pid) == 0
     # the parent's connections outlived the child's close()
     assert engine.update(parent_sid, {"n": 100}) == 42
     fresh = engine_factory()
@@ -131,20 +125,10 @@ def test_writes_of_a_forked_process_outlive_the_parent_closing(tmp_path: Path) -
         engine.create("made-by-child")
         return 0  # and exits as a killed worker would, without close()
 
-    pid = os.fork()
-    if pid == 0:
-        code = 70
-        try:
-            signal.alarm(60)
-            code = child()
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
+    pid = start_forked(child)
     engine.close()
     os.write(go, b"x")
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert exit_code(pid) == 0
     with SessionEngine(url) as fresh:
         assert fresh.get(sid).version == 31
         assert len(fresh.list_sessions()) == 2
@@ -169,8 +153,8 @@ def test_a_fork_while_another_thread_holds_the_engine_lock(
     holder.start()
     try:
         assert held.wait(10)
-        assert in_forked_child(lambda: 0 if engine.update(sid, {"k": 1}) == 2 else 1,
-                               seconds=20) == 0
+        child = start_forked(lambda: 0 if engine.update(sid, {"k": 1}) == 2 else 1, seconds=20)
+        assert exit_code(child) == 0
     finally:
         release.set()
         holder.join()
