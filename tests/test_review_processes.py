@@ -43,7 +43,7 @@ def test_a_rebuild_swapped_in_by_another_engine_leaves_a_later_rebuild_alone(
                 c._catalog.tables.create_next(conn)  # as c.rebuild() begins
         return real_transaction(name, **options)
 
-    b._subscriptions.transaction = transaction  # type: ignore[method-assign]
+    b._subscriptions.transaction = transaction  # type: ignore[method-assign,assignment]
     assert b.rebuild("catalog") == 0
     assert others_ran == [0]  # A swapped in the tables B had filled (shared work)
     assert c.rebuild("catalog") == 10  # C's rebuild was left to C, from its start
