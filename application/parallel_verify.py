@@ -72,11 +72,11 @@ def start_method() -> str:
 @contextlib.contextmanager
 def _heap_frozen() -> Iterator[None]:
     """The cyclic collector kept off every object there is while workers are forked: the
-    workers inherit them frozen, so a worker never collects garbage of this process (say a
-    dropped engine's pooled connections) and never runs its finalizers. Closing an inherited
-    connection in a worker would close the parent's: psycopg's PQfinish sends Terminate down
-    the shared socket, and SQLite forbids using a connection across a fork. A worker opens
-    its own engine and leaves through os._exit, which runs no finalizers."""
+    workers inherit them frozen, so a worker's collections neither walk the parent's heap
+    (copying its pages) nor collect a garbage object of the parent's and run its finalizer
+    (a dropped pool's connection: psycopg's close() sends Terminate down a socket the parent
+    may still use). The engines still open are the fork handlers' (EventStore
+    .after_fork_in_child). A worker opens its own engine and leaves through os._exit."""
     gc.freeze()
     try:
         yield
