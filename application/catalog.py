@@ -308,7 +308,8 @@ class Catalog:
     # -- rebuild ----------------------------------------------------------------------------
 
     def rebuild(self, progress: Progress | None = None) -> int:
-        """Replay the whole log into fresh tables and swap them in; return the events folded.
+        """Replay the whole log into fresh tables and swap them in; return the events folded
+        from where it started (with engines sharing the work, theirs too).
 
         Resumes an interrupted rebuild from its tracked position. Engines rebuilding at the
         same time share the work (the tracked position); when another one swaps the tables in
@@ -340,8 +341,10 @@ class Catalog:
             return contextlib.nullcontext()
         return TotalsPrefetcher(self.tables)
 
-    def _fold_next_window(self, reader: TotalsPrefetcher | None) -> int:
-        """Fold the next window of the log into the "_next" tables; 0 once there is none.
+    def _fold_next_window(self, reader: TotalsPrefetcher | None) -> tuple[int, int] | None:
+        """Fold the next window of the log into the "_next" tables; return the events it held
+        and the positions it spanned (positions have holes: purges, rolled-back inserts),
+        None once there is none.
 
         As SubscriberRunner.step does for the live catalog, reading the totals of the window
         after it ahead (they may count sessions purged before this window commits: the fold
@@ -351,7 +354,7 @@ class Catalog:
         with subs.transaction(REBUILD_TRACKING, hold_off_purges=True) as (conn, position):
             head = subs.head_in(conn)
             if head <= position:
-                return 0
+                return None
             batch = self.rebuild_batch
             upto = min(head, position + batch)
             totals = None
@@ -361,7 +364,7 @@ class Catalog:
                     reader.ask(upto, min(head, upto + batch))
             handled = self._rebuilder.handle_window(conn, position, upto, totals)
             subs.advance(conn, REBUILD_TRACKING, upto)
-            return max(handled, 1)
+            return handled, upto - position
 
     def _fill_and_swap(self, progress: Progress | None, swaps: int) -> int:
         """Fold the log into the "_next" tables and swap them in; `swaps`: the swap count when
@@ -370,19 +373,18 @@ class Catalog:
         started = time.perf_counter()
         first = subs.position(REBUILD_TRACKING)
         head = subs.head()
-        done = first
+        folded = spanned = 0  # events, and the positions they spanned (which have holes)
         if progress is not None:  # where it starts: a bar counts from here
             progress(first, max(head, first), 0.0)
         with self._window_reader() as reader:
-            while True:
-                handled = self._fold_next_window(reader)
-                done = subs.position(REBUILD_TRACKING)
+            while (window := self._fold_next_window(reader)) is not None:
+                folded += window[0]
+                spanned += window[1]
                 if progress is not None:
+                    done = subs.position(REBUILD_TRACKING)
                     elapsed = time.perf_counter() - started
-                    rate = (done - first) / elapsed if elapsed > 0 else 0.0
+                    rate = folded / elapsed if elapsed > 0 else 0.0
                     progress(done, max(head, done), rate)
-                if not handled:
-                    break
         # the swap: fold what came meanwhile, then rename, in one transaction that holds the
         # live catalog's tracking row (no live batch can interleave)
         with subs.transaction(CATALOG, hold_off_purges=True) as (conn, _):
@@ -400,7 +402,11 @@ class Catalog:
             rebuilt = subs.locked_position(conn, REBUILD_TRACKING)
             position = subs.head_in(conn)
             if rebuilt < position:
-                self._rebuilder.handle_window(conn, rebuilt, position)
+                folded += self._rebuilder.handle_window(conn, rebuilt, position)
+                spanned += position - rebuilt
+            if spanned != position - first:
+                # engines shared the work: count the events from where this one started
+                folded = subs.events_between(conn, first, position)
             self.tables.drop_purged_next(conn)
             self.tables.fill_next_tags(conn)
             self.tables.swap(conn)
@@ -410,7 +416,7 @@ class Catalog:
             # (read on the swap's connection: the store's may be held by a command waiting
             # for the write lock this transaction holds)
             self.tables.set_meta(conn, SWAPS_KEY, str(self._swaps(conn) + 1))
-        return position - first if position > first else 0
+        return folded
 
 
 @dataclass(frozen=True)

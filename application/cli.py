@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
 from sessionledger.domain.values import utf8_encodable
+from sessionledger.infrastructure.store import resolve_url, safe_url
 from sessionledger.projections.catalog import SessionSummary
 from sessionledger.projections.snapshots import CURRENT_FORMAT
 
@@ -37,6 +38,7 @@ from .cli_audit import (
     show_at,
     table,
     table_time,
+    terminal_text,
 )
 from .config import SessionConfig
 from .engine import SessionEngine
@@ -70,7 +72,10 @@ def _next_page_command(args: argparse.Namespace, cursor: str) -> str:
     # --option=value: a value that starts with "-" (a name "-x") is not read as an option
     words = ["sessionledger", "ls"]
     if args.url is not None:  # else $SESSIONLEDGER_URL or ./sessionledger.db, as for this one
-        words.append(f"--url={args.url}")
+        # a password is never printed: the line then asks for the same --url
+        url = resolve_url(args.url)
+        words.append(f"--url={args.url}" if safe_url(url) == url.render_as_string(
+            hide_password=False) else "--url=URL")
     words += [f"--status={status}" for status in args.status or ()]
     words += [f"--tag={tag}" for tag in args.tag or ()]
     if args.name is not None:
@@ -142,7 +147,8 @@ def cmd_verify(engine: SessionEngine, args: argparse.Namespace) -> int:
         print(f"checked {report.sessions} sessions, {report.events} events, "
               f"{report.snapshots} snapshots: {'ok' if report.ok else 'PROBLEMS'}")
         for problem in report.problems:
-            print(f"  {problem}")
+            # (a tampered row is what verify is for: its session id may hold escape sequences)
+            print(f"  {terminal_text(problem)}")
     return 0 if report.ok else 2
 
 
@@ -404,7 +410,9 @@ def check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name, value in given:
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str) and not utf8_encodable(text):
-                raise InvalidArgument(f"{name} {text!r} is not valid text (bytes the system "
+                # (a URL is not repeated: it may hold a password)
+                shown = "" if name in ("--url", "$SESSIONLEDGER_URL") else f" {text!r}"
+                raise InvalidArgument(f"{name}{shown} is not valid text (bytes the system "
                                       f"could not decode as Unicode)")
 
 

@@ -161,15 +161,16 @@ def compact(value: Any, limit: int = 70) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _shown(value: object) -> str:
-    """A table cell's text, with what a terminal would act on escaped (a newline splits a row,
-    an escape sequence can clear the screen): state keys are any text."""
+def terminal_text(value: object) -> str:
+    """Text for the terminal (a table cell, a line of verify) with what it would act on
+    escaped (a newline splits a row, an escape sequence can clear the screen): state keys,
+    names and a tampered row's ids are any text."""
     text = str(value)
     return text if text.isprintable() else repr(text)[1:-1]
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    cells = [[str(h) for h in headers]] + [[_shown(c) for c in row] for row in rows]
+    cells = [[str(h) for h in headers]] + [[terminal_text(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
              for row in cells]
@@ -205,11 +206,11 @@ def print_session(session: Session, as_json: bool) -> None:
         print(_dumps(info))
         return
     for key in ("id", "name", "status", "version", "parent", "created_at", "updated_at"):
-        print(f"{key:12} {_shown(info[key]) if info[key] is not None else '-'}")
-    print(f"{'tags':12} {_shown(', '.join(session.tags)) or '-'}")
+        print(f"{key:12} {terminal_text(info[key]) if info[key] is not None else '-'}")
+    print(f"{'tags':12} {terminal_text(', '.join(session.tags)) or '-'}")
     print(f"{'metadata':12} {compact(session.metadata, 200)}")
     checkpoints = ", ".join(f"{label}@{v}" for label, v in session.checkpoints.items())
-    print(f"{'checkpoints':12} {_shown(checkpoints) or '-'}")
+    print(f"{'checkpoints':12} {terminal_text(checkpoints) or '-'}")
     print("state:")
     print(_json(session.state, indent=2, sort_keys=True))
 
@@ -334,7 +335,7 @@ def cmd_timeline(engine: SessionEngine, args: argparse.Namespace) -> None:
         for e in shown:
             cells = [str(e.position), table_time(e.timestamp), e.session_id, e.session_name or "-",
                      str(e.version), e.type, e.actor or "-"]
-            print("  ".join(_cell(_shown(c), w, cut).ljust(w)
+            print("  ".join(_cell(terminal_text(c), w, cut).ljust(w)
                             for c, w, cut in zip(cells, widths, cuts, strict=True))
                   + "  " + compact(e.data))
     finally:

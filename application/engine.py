@@ -53,7 +53,7 @@ from .catalog import Catalog, Page, ProjectionOutdated
 from .catalog import Progress as RebuildProgress
 from .config import SessionConfig
 from .parallel_verify import MAX_WORKERS, spawn_reruns_main, start_method, verify_in_processes
-from .repository import SessionRepository
+from .repository import SKIP_REASONS, SessionRepository
 from .retention import CleanupReport, RetentionPolicy, last_ended
 from .subscribers import (
     DEFAULT_BATCH,
@@ -91,8 +91,10 @@ class _EngineCollector(Collector):
             "sessionledger_snapshots_skipped",
             "Snapshots this engine could not use and loaded past, by reason.",
             labels=["reason"])
-        for reason, n in sorted(self._engine._repository.skipped.items()):
-            skipped.add_metric([reason], n)
+        counted = self._engine._repository.skipped
+        # every reason, from 0: a series born at its first count hides it from rate()
+        for reason in sorted(set(SKIP_REASONS) | set(counted)):
+            skipped.add_metric([reason], counted.get(reason, 0))
         yield skipped
 
 
@@ -171,6 +173,7 @@ class SessionEngine:
         metrics = MetricsHook()
         self.hooks.latency_observer = metrics.observe_latency
         self.hooks.error_observer = metrics.observe_error
+        metrics.hook_names = lambda: [hook.name for hook in self.hooks.subscriptions]
         self.hooks.subscribe(LoggingHook(), name="LoggingHook")
         self.hooks.subscribe(metrics, name="MetricsHook")
         metrics.registry.register(_EngineCollector(self))

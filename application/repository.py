@@ -30,6 +30,10 @@ from sessionledger.projections.snapshots import (
 log = logging.getLogger("sessionledger.snapshots")
 
 
+#: why a snapshot is skipped (the metrics' snapshots_skipped reasons)
+SKIP_REASONS = ("newer_format", "corrupted", "incomplete")
+
+
 class SessionRepository:
     """Reads sessions (snapshot + events) and builds the snapshot rows commands write."""
 

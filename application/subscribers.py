@@ -35,6 +35,10 @@ from sessionledger.projections.hooks import checked_plain_callable
 from sessionledger.projections.replay import current_data
 
 log = logging.getLogger("sessionledger.subscribers")
+#: a failing subscriber on the background runner is retried after 1 s, then after twice the
+#: pause before, up to a minute (a database that is down fails every subscriber at once)
+_FIRST_RETRY = 1.0
+_LAST_RETRY = 60.0
 
 DEFAULT_BATCH = 1000
 #: the largest batch run_subscribers() takes (a batch is held in memory whole)
@@ -242,29 +246,51 @@ class SubscriberThread:
         self._thread.start()
 
     def _run(self) -> None:
-        backoff: dict[str, float] = {}
+        retry_at: dict[str, float] = {}
+        delays: dict[str, float] = {}
         try:
             while not self._stopping.is_set():
                 busy = False
                 for consumer in self._consumers():
+                    name = consumer.name
                     if self._stopping.is_set():  # (stopped by a handler of this batch)
                         break
-                    if backoff.get(consumer.name, 0.0) > time.monotonic():
+                    if retry_at.get(name, 0.0) > time.monotonic():
                         continue
                     try:
                         busy = self._runner.step(consumer) > 0 or busy
-                        self.errors.pop(consumer.name, None)
                     except Exception as error:  # keep the others running; retry this later
-                        self.errors[consumer.name] = error
-                        backoff[consumer.name] = time.monotonic() + 1.0
-                        log.error("subscriber %s failed: %s", consumer.name, error,
-                                  exc_info=True, extra={"subscriber": consumer.name})
+                        delays[name] = min(delays.get(name, _FIRST_RETRY / 2) * 2, _LAST_RETRY)
+                        retry_at[name] = time.monotonic() + delays[name]
+                        self._log_failure(name, error, delays[name])
+                        continue
+                    if self.errors.pop(name, None) is not None:
+                        retry_at.pop(name, None)
+                        delays.pop(name, None)
+                        log.info("subscriber %s recovered", name, extra={"subscriber": name})
                 if not busy:
-                    self._waker.wait(self._max_wait)
+                    wait = self._max_wait
+                    if retry_at:  # (PostgreSQL waits for a NOTIFY: not past a retry's time)
+                        wait = min(wait, max(0.0, min(retry_at.values()) - time.monotonic()))
+                    self._waker.wait(wait)
         finally:
             self._waker.close()
             if self.after_stop is not None:
                 self.after_stop()
+
+    def _log_failure(self, name: str, error: Exception, delay: float) -> None:
+        """One ERROR with the traceback for a new failure; a line without it while the same
+        failure repeats (a stuck subscriber logged a traceback every second, for good)."""
+        previous = self.errors.get(name)
+        self.errors[name] = error
+        again = (previous is not None and type(previous) is type(error)
+                 and str(previous) == str(error))
+        text = str(error) if isinstance(error, SubscriberFailed) else (
+            f"subscriber {name!r} failed: {type(error).__name__}: {error}")
+        position = getattr(error, "position", None)
+        log.log(logging.WARNING if again else logging.ERROR,
+                "%s%s (retried in %.0f s)", text, " again" if again else "", delay,
+                exc_info=not again, extra={"subscriber": name, "position": position})
 
     @property
     def on_its_thread(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -116,7 +117,8 @@ def resolve_url(url: str | URL | None) -> URL:
         try:
             parsed = make_url(url)
         except Exception as error:
-            raise StorageError(f"invalid database URL {url!r}: {error}") from None
+            raise StorageError(masked_url_text(f"invalid database URL {url!r}: {error}")
+                               ) from None
     elif isinstance(url, URL):
         parsed = url
     else:
@@ -147,9 +149,25 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+#: the query parameters of a URL that hold secrets (libpq's, which psycopg passes on)
+_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
+
+
 def safe_url(url: URL) -> str:
-    """The URL with its password hidden, for messages."""
-    return url.render_as_string(hide_password=True)
+    """The URL with its password hidden (the user part's, and one given as a query parameter),
+    for messages."""
+    secret = [key for key in url.query if key.lower() in _SECRET_QUERY_KEYS]
+    if not secret:
+        return url.render_as_string(hide_password=True)
+    hidden = url.update_query_dict(dict.fromkeys(secret, "***"))
+    return hidden.render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
+
+
+def masked_url_text(text: str) -> str:
+    """URL text that may not parse, for a message: whatever stands where a password would
+    (user:PASSWORD@, password=...) hidden."""
+    text = re.sub(r"(://[^/?#@]*?:)[^/?#@]*@", r"\1***@", text)
+    return re.sub(r"((?:ssl)?password=)[^&;\s'\"]*", r"\1***", text, flags=re.IGNORECASE)
 
 
 @contextlib.contextmanager

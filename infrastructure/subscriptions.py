@@ -81,6 +81,13 @@ class SubscriptionStore:
                                 (position,))
         return int(rows[0][0])
 
+    @staticmethod
+    def events_between(conn: Connection, after: int, upto: int) -> int:
+        """How many events there are with positions in (after, upto], in `conn`'s transaction."""
+        return int(conn.execute(sa.text(
+            "SELECT COUNT(*) FROM sl_events WHERE position > :a AND position <= :u"),
+            {"a": after, "u": upto}).scalar_one())
+
     def positions(self) -> dict[str, int]:
         """Every tracked subscriber's position."""
         rows = self.store.query("SELECT name, position FROM sl_tracking ORDER BY name")

@@ -82,7 +82,10 @@ def hook_name(handler: object) -> str:
     if not isinstance(qualname, str):
         qualname = type(handler).__qualname__
     module = getattr(handler, "__module__", None)
-    return f"{module}.{qualname}" if isinstance(module, str) and module else qualname
+    name = f"{module}.{qualname}" if isinstance(module, str) and module else qualname
+    # made from code, not checked like a given name: what is not printable (a lone surrogate
+    # broke every Prometheus exposition, a newline split a log line) is escaped
+    return name if name.isprintable() else repr(name)[1:-1]
 
 
 def _session_filter(sessions: Iterable[str | UUID] | None) -> frozenset[str] | None:
@@ -335,10 +338,16 @@ class HookRegistry:
             try:
                 sub.handler(event)
             except Exception as error:
+                # the clock stops before the failure is logged: a slow log handler is not the
+                # hook's latency
+                elapsed = 0 if observer is None else time.perf_counter_ns() - started
                 failures = self._failed(sub.name, event, error, failures)
-            if observer is None:  # no clock read at all without an observer
+            else:
+                if observer is None:  # no clock read at all without an observer
+                    continue
+                elapsed = time.perf_counter_ns() - started
+            if observer is None:
                 continue
-            elapsed = time.perf_counter_ns() - started
             try:
                 observer(sub.name, elapsed)
             except Exception as error:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -103,6 +103,9 @@ class MetricsHook:
         # hook name -> [calls, total ns, max ns]
         self._latency: dict[str, list[int]] = {}
         self._hook_errors: dict[str, int] = {}
+        #: the names of the hooks subscribed now (set by the engine), listed in the exposition
+        #: before their first call or error
+        self.hook_names: Callable[[], Iterable[str]] | None = None
         # event type -> what it does to the status gauge, looked up once per event
         self._lifecycle: dict[str, Callable[[SessionEvent], None]] = {
             ev.SESSION_STARTED: self._on_started,
@@ -301,6 +304,12 @@ class MetricsCollector:
         errors = CounterMetricFamily(
             "sessionledger_hook_errors", "In-process hook calls that raised, by hook.",
             labels=["hook"])
-        for name, n in sorted(snap["hook_errors_total"].items()):
-            errors.add_metric([name], n)
+        # every hook there is, from 0: a series born at its first error hides that error
+        # from rate() and increase()
+        counted = snap["hook_errors_total"]
+        known = set(counted) | set(snap["hook_latency_seconds"])
+        if self._hook.hook_names is not None:
+            known.update(self._hook.hook_names())
+        for name in sorted(known):
+            errors.add_metric([name], counted.get(name, 0))
         yield errors

@@ -689,8 +689,11 @@ def test_without_lifecycle_hooks_nothing_is_logged_or_counted(
     assert engine.metrics() == {"snapshots_skipped": {"newer_format": 1}}
     text = engine.metrics(format="prometheus")
     assert families(text) == {"sessionledger_snapshots_skipped"}
+    # every reason from 0 (a series born at its first count hides it from rate())
     assert samples(text) == {("sessionledger_snapshots_skipped_total",
-                              frozenset({("reason", "newer_format")})): 1.0}
+                              frozenset({("reason", reason)})): count
+                             for reason, count in (("newer_format", 1.0), ("corrupted", 0.0),
+                                                   ("incomplete", 0.0))}
 
 
 def test_lifecycle_hooks_on_by_default_and_logging_goes_nowhere_unconfigured(
