@@ -142,6 +142,8 @@ class SessionEngine:
         # left running against the closed engine, for good
         self._runners_lock = threading.Lock()
         self._closing = False
+        #: the runner one of whose handlers called close(): it closes the store as it ends
+        self._closed_by: SubscriberThread | None = None
         #: threads waiting for parallel verifies' workers to exit (joined by close())
         self._verify_closers: list[threading.Thread] = []
         self._catalog_outdated = False
@@ -168,6 +170,7 @@ class SessionEngine:
         _inherited_runners.append(self._runners)
         self._runners = []
         self._verify_closers = []
+        self._writer.after_fork_in_child()
 
     def _install_lifecycle_hooks(self) -> None:
         metrics = MetricsHook()
@@ -197,14 +200,20 @@ class SessionEngine:
         warning) and release the database connection. The engine cannot be used afterwards.
         Called by a durable handler on a background runner, it returns at once, and the engine
         closes when that handler's batch has committed."""
+        # A durable handler on a background runner closing the engine: that runner cannot
+        # wait for itself; it stops, and closes the store, once its batch has committed (the
+        # store closed under it, its position would not move, and the handler would see the
+        # same event again, its close() too, at every start). A close() from another thread
+        # meanwhile waits for that runner, as for the others, before it closes the store.
         with self._runners_lock:
             self._closing = True
             runners, self._runners = self._runners, []
-        # a durable handler on a background runner closing the engine: that runner cannot
-        # wait for itself; it stops, and closes the store, once its batch has committed (the
-        # store closed under it, its position would not move, and the handler would see the
-        # same event again, its close() too, at every start)
-        own = next((runner for runner in runners if runner.on_its_thread), None)
+            if self._closed_by is None:
+                self._closed_by = next((r for r in runners if r.on_its_thread), None)
+            closed_by = self._closed_by
+        own = closed_by if closed_by is not None and closed_by.on_its_thread else None
+        if closed_by is not None and own is None and closed_by not in runners:
+            runners.append(closed_by)
         try:
             # outside the engine's lock: a runner takes it to list its subscribers
             for runner in runners:
@@ -814,15 +823,19 @@ class SessionEngine:
             raise InvalidArgument(f"workers must be an int from 1 to {MAX_WORKERS}, got "
                                   f"{workers!r}")
         shared = not self._store.single_connection
+        chosen = workers is None
+        if workers is None:
+            workers = self._auto_verify_workers(reruns_main=False)
         method = "spawn"
-        if sid is None and shared and workers != 1:
+        if sid is None and shared and workers > 1:
             # an earlier verify's closer thread (its workers are exiting) would make this
             # process look multi-threaded, and the workers would be spawned, not forked
+            joined = bool(self._verify_closers)
             for closer in self._verify_closers:
                 closer.join()
-            method = start_method()
-        if workers is None:
-            workers = self._auto_verify_workers(method == "spawn" and spawn_reruns_main())
+            method = start_method(just_joined=joined)
+            if chosen and method == "spawn" and spawn_reruns_main():
+                workers = 1
         verifier = Verifier(self._store, self._codec, self._repository)
         if sid is not None:
             report = verifier.run(sid)

@@ -46,20 +46,21 @@ def spawn_reruns_main() -> bool:
     return not (name == "__main__" or name.endswith(".__main__"))
 
 
-def start_method() -> str:
+def start_method(just_joined: bool = False) -> str:
     """How a parallel verify starts its workers: "fork" on Linux while this process runs a
     single thread, else "spawn". A forked worker is checking within milliseconds and runs
     nothing again; a spawned one is a fresh interpreter that imports for about 0.2 s first
     and runs the main module's top level again (spawn_reruns_main). Fork copies only the
     calling thread: a lock another thread held (logging's, a pool's, a native library's)
     would stay held in the worker for good, hence the one thread, counted by the OS so that
-    native threads count too; macOS's system libraries are not fork-safe at all."""
+    native threads count too; macOS's system libraries are not fork-safe at all.
+    `just_joined`: a thread was joined just now; its exit is waited for, up to 20 ms."""
     if sys.platform != "linux" or "fork" not in multiprocessing.get_all_start_methods():
         return "spawn"
     if threading.active_count() > 1:
         return "spawn"
-    # a thread just joined (an earlier verify's closer) leaves the OS's list a moment later
-    for _ in range(_THREAD_EXIT_POLLS):
+    # a thread `just_joined` (an earlier verify's closer) leaves the OS's list a moment later
+    for _ in range(_THREAD_EXIT_POLLS if just_joined else 1):
         try:
             if len(os.listdir("/proc/self/task")) == 1:
                 return "fork"

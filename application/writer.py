@@ -508,6 +508,12 @@ class SessionWriter:
         name, status, micros = tombstone
         return SessionPurged(sid, name, status, to_datetime(micros).isoformat())
 
+    def after_fork_in_child(self) -> None:
+        """In a forked process: no delivery under way (a fork from inside a hook would leave
+        every later event queued behind it, for good)."""
+        self._delivering = False
+        self._hook_queue = []
+
     def _remember(self, session: Session, head: bytes) -> None:
         capacity = self.config.max_active_sessions
         if capacity == 0:

@@ -440,15 +440,24 @@ class EventStore:
             self.engine.dispose()
         _open_stores.discard(self)
 
+    def _in_memory_uri(self) -> bool:
+        """A SQLite URI of an in-memory database shared by the store's connections
+        (file:name?mode=memory&cache=shared): it lives in them, so a fork copies it with
+        them, and closing them would free it."""
+        database = self.url.database or ""
+        return self.dialect == "sqlite" and database.startswith("file:") and (
+            "mode=memory" in database or self.url.query.get("mode") == "memory"
+            or database.startswith("file::memory:"))
+
     def after_fork_in_child(self) -> None:
         """In a forked process (os.register_at_fork): fresh locks (one another thread of the
         parent held stays held for good), and connections of this process's own. An in-memory
-        SQLite database was copied with the process: it keeps its connection."""
+        SQLite database was copied with the process: it keeps its connections."""
         for lock in {id(self._lock): self._lock, id(self.commands_lock): self.commands_lock
                      }.values():
             lock._at_fork_reinit()  # type: ignore[attr-defined]
         self._write_lock_held = threading.local()
-        if self.single_connection or self._closed:
+        if self.single_connection or self._closed or self._in_memory_uri():
             return
         _inherited.append((self._fairy, self.engine.pool))
         if self.dialect == "sqlite":
@@ -523,6 +532,8 @@ class EventStore:
                 raise
             except BaseException as error:
                 self._rollback_quietly()
+                if not isinstance(error, Exception):  # an interrupt
+                    self._abandon_if_busy()
                 if isinstance(error, self._dbapi_error):
                     self._reconnect_if_broken()
                     raise StorageError(
@@ -587,9 +598,27 @@ class EventStore:
             raise StorageError(
                 f"write to {safe_url(self.url)} failed: {one_line(error)}"
             ) from None
+        except BaseException:  # an interrupt
+            self._abandon_if_busy()
+            raise
         if inserted is None:
             raise SessionGone
         return int(inserted[0])
+
+    def _abandon_if_busy(self) -> None:
+        """After an interrupt (Ctrl-C) in the middle of a statement on PostgreSQL: a connection
+        whose result was never read stays busy for good (every later call failed with "another
+        command is already in progress"); it is dropped, and the next use connects anew."""
+        if self.dialect != "postgresql" or isinstance(self._db, _ConnectOnUse):
+            return
+        try:
+            busy = self._db.info.transaction_status.name in ("ACTIVE", "UNKNOWN")
+        except Exception:
+            busy = True
+        if busy:
+            with contextlib.suppress(Exception):
+                self._fairy.invalidate()
+            self._fairy = self._db = _ConnectOnUse(self)
 
     def _insert_one(self, db: Any, row: EventRow) -> int:
         """Insert one event; SessionGone when its session was purged (on SQLite the purge
@@ -836,7 +865,11 @@ class EventStore:
                 try:
                     rows: list[Any] = self._db.execute(sql, params).fetchall()
                     return rows
-                except self._dbapi_error as error:
+                except BaseException as error:
+                    if not isinstance(error, self._dbapi_error):
+                        if not isinstance(error, Exception):  # an interrupt
+                            self._abandon_if_busy()
+                        raise
                     lost = self.dialect == "postgresql" and self._db.closed
                     self._reconnect_if_broken()
                     if not (lost and attempt == 1):

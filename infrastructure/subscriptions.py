@@ -17,6 +17,7 @@ import contextlib
 import select
 import threading
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -128,34 +129,45 @@ class SubscriptionStore:
         # this transaction's write lock holds the engine lock, and a handler reading through
         # the engine (get()) waits for it: both stall until SQLite's 30 s timeout.
         commands_lock = self._commands_lock if calls_back else None
-        with (commands_lock or contextlib.nullcontext(), self.store.storage_errors(doing),
-              self.store.connection() as conn):
-            if self.dialect == "sqlite":
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-                row = self._locked_row(conn, name)
-            else:
-                for _ in range(3):
-                    conn.execute(sa.text(
-                        "INSERT INTO sl_tracking (name, position, updated_ts) VALUES (:n, 0, 0) "
-                        "ON CONFLICT (name) DO NOTHING"), {"n": name})
+        try:
+            with (commands_lock or contextlib.nullcontext(), self.store.storage_errors(doing),
+                  self.store.connection() as conn):
+                if self.dialect == "sqlite":
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
                     row = self._locked_row(conn, name)
-                    if row is not None:
-                        break
-                    # deleted while this waited for its lock (a catalog swap forgets the
-                    # rebuild's row): insert it again and lock that, so two engines waiting
-                    # here take turns instead of both going on unlocked
-                if hold_off_purges:
-                    self.store.hold_off_purges(conn)
-            held.add(name)
-            try:
-                with self.store.holding_write_lock():
-                    yield conn, tracked(name, row[0]) if row else 0
-            except BaseException:
-                conn.rollback()
-                raise
-            finally:
-                held.discard(name)
-            conn.commit()
+                else:
+                    for _ in range(3):
+                        conn.execute(sa.text(
+                            "INSERT INTO sl_tracking (name, position, updated_ts) "
+                            "VALUES (:n, 0, 0) ON CONFLICT (name) DO NOTHING"), {"n": name})
+                        row = self._locked_row(conn, name)
+                        if row is not None:
+                            break
+                        # deleted while this waited for its lock (a catalog swap forgets the
+                        # rebuild's row): insert it again and lock that, so two engines waiting
+                        # here take turns instead of both going on unlocked
+                    if hold_off_purges:
+                        self.store.hold_off_purges(conn)
+                held.add(name)
+                try:
+                    with self.store.holding_write_lock():
+                        yield conn, tracked(name, row[0]) if row else 0
+                except BaseException:
+                    conn.rollback()
+                    raise
+                finally:
+                    held.discard(name)
+                conn.commit()
+        except BaseException as error:
+            if self.dialect == "sqlite" and not isinstance(error, Exception):
+                # An interrupt (Ctrl-C) mid-statement: SQLAlchemy invalidates the connection,
+                # and sqlite3 leaves a connection whose statement is alive (the interrupted
+                # cursor, held by the traceback's frames) open, BEGIN IMMEDIATE and the
+                # database's write lock included: every writer waited 30 s, then failed, for
+                # as long as the exception was kept (a REPL keeps the last one). Dropping
+                # the finished frames' locals finalizes that statement now.
+                traceback.clear_frames(error.__traceback__)
+            raise
 
     def locked_position(self, conn: Connection, name: str) -> int:
         """A subscriber's tracked position, read in the transaction of `conn` with its tracking

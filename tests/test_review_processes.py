@@ -254,3 +254,170 @@ def test_close_from_a_durable_handler_on_the_background_runner(
     later = engine_factory()
     status = {s.name: s for s in later.subscribers()}["shutdown-watcher"]
     assert status.lag == 0 and status.position > 0
+
+
+# -- review round 13: the fork and interrupt fixes, attacked ------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_second_close_waits_for_the_runner_whose_handler_closed(
+        engine_factory: EngineFactory) -> None:
+    """A handler's close() defers the store close to its runner's end; a close() from another
+    thread meanwhile found no runner left to wait for and closed the store under that batch,
+    whose position then never moved."""
+    engine = engine_factory()
+    sid = engine.create("svc")
+    entered, release = threading.Event(), threading.Event()
+
+    def on_shutdown(event: Any) -> None:
+        engine.close()
+        entered.set()
+        release.wait(20)
+
+    engine.subscribe("shutdown-watcher", on_shutdown, events=["EventRecorded"])
+    runner = engine.run_subscribers()
+    engine.record(sid, "shutdown", {})
+    assert entered.wait(20)
+    second = threading.Thread(target=engine.close)
+    second.start()
+    time.sleep(0.2)
+    assert second.is_alive()  # waiting for the runner's batch
+    release.set()
+    second.join(20)
+    assert not second.is_alive() and not runner.running and runner.errors == {}
+    status = {s.name: s for s in engine_factory().subscribers()}["shutdown-watcher"]
+    assert status.lag == 0
+
+
+def test_verify_of_a_small_log_does_not_ask_how_to_start_workers(
+        engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify() chose the workers' start method before knowing it would use any: with a
+    native thread running it polled the OS's thread list for 20 ms on every call."""
+    import sessionledger.engine as engine_module
+
+    def asked(**how: Any) -> str:
+        raise AssertionError("start_method() called for a one-process verify")
+
+    monkeypatch.setattr(engine_module, "start_method", asked)
+    engine = engine_factory()
+    engine.create("s")
+    assert engine.verify().ok
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+@pytest.mark.timeout(60)
+def test_a_fork_from_inside_a_hook_leaves_the_childs_hooks_working(
+        engine_factory: EngineFactory) -> None:
+    """The child inherited "a delivery is under way": every event of its own was queued
+    behind it and never delivered to any hook."""
+    engine = engine_factory()
+    sid = engine.create("s")
+    seen: list[int] = []
+    children: list[int] = []
+
+    def counting(event: Any) -> None:
+        seen.append(event.version)
+
+    def forking(event: Any) -> None:
+        if event.type == "EventRecorded" and not children:
+            children.append(start_forked(child))
+
+    def child() -> int:
+        before = len(seen)
+        for n in range(3):
+            engine.update(sid, {"n": n})
+        return 0 if len(seen) == before + 3 else 1
+
+    engine.hooks.subscribe(forking)
+    engine.hooks.subscribe(counting)
+    engine.record(sid, "fork-here", {})
+    assert exit_code(children[0]) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+@pytest.mark.timeout(60)
+def test_a_shared_cache_in_memory_database_comes_along_a_fork() -> None:
+    """The fork handler closed the idle connections of file:NAME?mode=memory&cache=shared,
+    the last ones to it: the child's copy was freed, and it reconnected to an empty one."""
+    engine = SessionEngine("sqlite:///file:sl_fork_memdb?mode=memory&cache=shared&uri=true")
+    try:
+        sid = engine.create("s", state={"n": 0})
+        child = start_forked(lambda: 0 if engine.update(sid, {"n": 1}) == 2 else 1)
+        assert exit_code(child) == 0
+        assert engine.get(sid).version == 1  # the parent's copy is its own
+    finally:
+        engine.close()
+
+
+@pytest.mark.postgresql
+def test_an_interrupt_mid_statement_leaves_postgresql_usable(
+        pg_backend: Backend) -> None:
+    """A Ctrl-C after a statement was sent and before its result was read left the engine's
+    connection busy for good: every later call failed with "another command is already in
+    progress"."""
+    with SessionEngine(pg_backend.url) as engine:
+        sid = engine.create("s")
+        store = engine._store
+        real = store._db
+
+        class InterruptedOnce:
+            interrupted = False
+
+            def execute(self, *args: Any) -> Any:
+                if not self.interrupted:
+                    self.interrupted = True
+                    real.pgconn.send_query(b"SELECT pg_sleep(0.05)")
+                    raise KeyboardInterrupt
+                return real.execute(*args)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+        store._db = InterruptedOnce()
+        with pytest.raises(KeyboardInterrupt):
+            engine.get(sid, refresh=True)
+        assert engine.get(sid, refresh=True).version == 1
+        assert engine.update(sid, {"k": 1}) == 2
+
+
+def test_an_interrupt_in_a_catalog_fold_leaves_sqlite_writable(tmp_path: Path) -> None:
+    """A Ctrl-C that landed in a fold's statement (SQLAlchemy then invalidates the connection)
+    left sqlite3's connection open as long as the interrupted cursor lived in the traceback's
+    frames, BEGIN IMMEDIATE included: every writer, in every process, got "database is
+    locked" after 30 s, until the exception was collected."""
+    import sqlite3
+    import sys
+    from types import FrameType
+
+    path = tmp_path / "a.db"
+    engine = SessionEngine(f"sqlite:///{path}")
+    try:
+        engine.create("s", state={"n": 0})
+        fired: list[int] = []
+
+        def in_head_in(frame: FrameType | None) -> bool:
+            while frame is not None:
+                if frame.f_code.co_name == "head_in":
+                    return True
+                frame = frame.f_back
+            return False
+
+        def tracer(frame: FrameType, event: str, arg: Any) -> None:
+            if (event == "call" and not fired and frame.f_code.co_name == "_setup_result_proxy"
+                    and in_head_in(frame)):
+                fired.append(1)
+                raise KeyboardInterrupt
+
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt) as interrupted:
+                engine.save_all_active()
+        finally:
+            sys.settrace(None)
+        assert fired
+        other = sqlite3.connect(path, timeout=2, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # "database is locked" after 2 s while held
+        other.execute("ROLLBACK")
+        other.close()
+        del interrupted
+    finally:
+        engine.close()

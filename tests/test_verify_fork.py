@@ -54,7 +54,8 @@ def test_an_unguarded_script_verifies_in_forked_workers_once(tmp_path: Path) -> 
         from sessionledger import SessionEngine
         chosen = []
         real_start_method = engine_module.start_method
-        engine_module.start_method = lambda: chosen.append(real_start_method()) or chosen[-1]
+        engine_module.start_method = (
+            lambda **how: chosen.append(real_start_method(**how)) or chosen[-1])
         engine = SessionEngine("sqlite:///app.db")
         engine.create("made-by-app")
         first, second = engine.verify(workers=2), engine.verify(workers=2)
@@ -81,7 +82,7 @@ def test_forked_and_spawned_workers_report_the_same_and_leave_the_engine_working
         pytest.skip("fork is used on Linux only")
     import sessionledger.engine as engine_module
 
-    monkeypatch.setattr(engine_module, "start_method", lambda: method)
+    monkeypatch.setattr(engine_module, "start_method", lambda **how: method)
     engine = engine_factory(snapshot_every=3)
     sids = sorted(engine.create("s", state={"i": 0}) for _ in range(6))
     for sid in sids:

@@ -194,6 +194,18 @@ METAS = st.builds(
 # -- the model -------------------------------------------------------------------------------
 
 
+def one_nan(value: Any) -> Any:
+    """`value` with every NaN the same NaN: an update compares values so (the README: every NaN
+    is "not a number", whatever its sign bit), where `same` compares a float's bits."""
+    if isinstance(value, float) and value != value:
+        return math.nan
+    if isinstance(value, tuple | list):
+        return [one_nan(v) for v in value]
+    if isinstance(value, dict):
+        return {k: one_nan(v) for k, v in value.items()}
+    return value
+
+
 def stored(value: Any) -> Any:
     """What the store gives back for `value`: tuples come back as lists (dicts are copied)."""
     if isinstance(value, tuple | list):
@@ -389,7 +401,8 @@ class EngineModel(RuleBasedStateMachine):
         def decide(m: ModelSession) -> Decision:
             require(m, ACTIVE)
             new = stored(changes)
-            to_set = {k: v for k, v in new.items() if k not in m.state or not same(v, m.state[k])}
+            to_set = {k: v for k, v in new.items()
+                      if k not in m.state or not same(one_nan(v), one_nan(m.state[k]))}
             to_delete = sorted({k for k in delete if k in m.state and k not in new})
             if not to_set and not to_delete:
                 return None
