@@ -137,7 +137,7 @@ def cmd_verify(engine: SessionEngine, args: argparse.Namespace) -> int:
     # the console script guards its entry point: its workers do not run it again
     workers = args.workers
     if workers is None and args.session_id is None:
-        workers = engine._auto_verify_workers(reruns_main=False)
+        workers = engine._auto_verify_workers()
     report = engine.verify(args.session_id, workers=workers)
     # the status stands even if the output cannot be written (`verify | head` closes the pipe)
     args.decided_status = 0 if report.ok else 2

@@ -825,7 +825,7 @@ class SessionEngine:
         shared = not self._store.single_connection
         chosen = workers is None
         if workers is None:
-            workers = self._auto_verify_workers(reruns_main=False)
+            workers = self._auto_verify_workers()
         method = "spawn"
         if sid is None and shared and workers > 1:
             # an earlier verify's closer thread (its workers are exiting) would make this
@@ -850,10 +850,11 @@ class SessionEngine:
         self._verify_closers = [t for t in self._verify_closers if t.is_alive()] + [closer]
         return report
 
-    def _auto_verify_workers(self, reruns_main: bool) -> int:
+    def _auto_verify_workers(self) -> int:
         """How many processes verify() uses when not told: several for a big log on a file or
-        server database, where spawned workers do not run the main module again."""
-        if reruns_main or self._store.single_connection:
+        server database (verify() then keeps to one where spawned workers would run the main
+        module again)."""
+        if self._store.single_connection:
             return 1
         if self._subscriptions.head() <= _PARALLEL_VERIFY_FROM:
             return 1

@@ -223,8 +223,9 @@ def _after_fork_in_child() -> None:
 
 
 class _ConnectOnUse:
-    """The store's connection in a forked process until its first use, which connects anew:
-    connecting in the fork handler would cost every child a connection, used or not."""
+    """The store's connection until its next use, which connects anew: in a forked process
+    (connecting in the fork handler would cost every child a connection, used or not), and
+    after an interrupt left the old one busy (_abandon_if_busy)."""
 
     def __init__(self, store: EventStore) -> None:
         self._store = store
