@@ -160,20 +160,18 @@ def _stored_datetime(moment: datetime, at: KeyPath) -> datetime:
     returns: a zone (ZoneInfo, ...) becomes its fixed UTC offset at that instant, a named
     offset loses its name, and fold is 0."""
     tz = moment.tzinfo
-    if tz is None:
-        # the stored text has no fold: the second 01:30 of a fall-back (fold=1) is the first
-        return moment.replace(fold=0) if moment.fold else moment
-    if tz is UTC:
-        return moment.replace(fold=0) if moment.fold else moment
-    try:
-        offset = moment.utcoffset()
-    except Exception as error:  # a user's tzinfo: it may raise anything
-        raise UnsupportedValue(
-            key_path(at), f"datetime whose tzinfo gives no UTC offset ({error!r})") from None
-    if offset is None:
-        return moment.replace(fold=0) if moment.fold else moment
-    # a fixed offset is stored as its offset only: a name (timezone(offset, "CET")) is lost
-    return moment.replace(tzinfo=timezone(offset), fold=0)
+    if tz is not None and tz is not UTC:
+        try:
+            offset = moment.utcoffset()
+        except Exception as error:  # a user's tzinfo: it may raise anything
+            raise UnsupportedValue(
+                key_path(at), f"datetime whose tzinfo gives no UTC offset ({error!r})") from None
+        if offset is not None:
+            # a fixed offset is stored as its offset only: a name (timezone(offset, "CET"))
+            # is lost
+            return moment.replace(tzinfo=timezone(offset), fold=0)
+    # the stored text has no fold: the second 01:30 of a fall-back (fold=1) reads as the first
+    return moment.replace(fold=0) if moment.fold else moment
 
 
 def _check_encodable(text: str, at: KeyPath) -> None:
