@@ -142,7 +142,7 @@ class AuditQueries:
         session, head = self._repository.load(sid, target)
         # The search read raw times and found the event after `target` later than `at`: that
         # event is checked on the chain too (the load checked 1..target), so a changed time
-        # is CorruptedData, never a wrong version. Genuine times never fall within a session.
+        # is CorruptedData, never a wrong version. Genuine times never go back in a session.
         following = self._store.stream(sid, target, target + 1)
         if following:
             self._codec.decode(sid, following, target, head)
@@ -316,9 +316,9 @@ class AuditQueries:
         version = int(rows[0][0] or 0)
         if version == 0:
             # the first event's time decides: checked on the chain before it is believed
-            self._codec.decode(sid, self._store.stream(sid, 0, 1))
-            first = self._store.query(log_reads.FIRST_EVENT, (sid,))
-            started = to_datetime(first[0][0]).isoformat() if first else "later"
+            first = self._store.stream(sid, 0, 1)
+            self._codec.decode(sid, first)
+            started = to_datetime(first[0][2]).isoformat() if first else "later"
             raise InvalidArgument(
                 # the caller's own moment: in UTC it may fall before year 1
                 f"session {sid} did not exist at {moment.isoformat()}: it started "

@@ -27,8 +27,6 @@ SELECT lo FROM bs WHERE lo = hi
 """
 #: the same answer by definition, for a stream the search could not walk (a missing version)
 VERSION_AT_SCAN = "SELECT MAX(version) FROM sl_events WHERE session_id = ? AND ts <= ?"
-#: a session's first event (its SessionStarted, unless damaged)
-FIRST_EVENT = "SELECT ts, type, payload FROM sl_events WHERE session_id = ? AND version = 1"
 #: every session's events in commit order ({where}: a WHERE clause or nothing)
 TIMELINE = (
     "SELECT position, session_id, version, type, ts, actor, correlation_id, payload "
