@@ -133,6 +133,8 @@ def jsonable(value: Any) -> Any:
 #: characters a terminal acts on that JSON (ensure_ascii=False) leaves raw: DEL and the C1
 #: controls (U+009B is an 8-bit CSI, as ESC [ is; U+0085 a line break)
 _RAW_CONTROLS = re.compile("[\x7f-\x9f]")
+#: the events a `diff` table lists for one key (--json lists every one)
+_EVENTS_SHOWN = 10
 
 
 def _json(value: Any, indent: int | None = None, sort_keys: bool = False) -> str:
@@ -279,7 +281,11 @@ def cmd_diff(engine: SessionEngine, args: argparse.Namespace) -> None:
     for kind, group in (("added", diff.added), ("changed", diff.changed),
                         ("removed", diff.removed)):
         for key, change in group.items():
-            by = ", ".join(f"v{t.version} {t.type} by {t.actor or '-'}" for t in change.changes)
+            touched = change.changes
+            by = ", ".join(f"v{t.version} {t.type} by {t.actor or '-'}"
+                           for t in touched[:_EVENTS_SHOWN])
+            if len(touched) > _EVENTS_SHOWN:  # (a key changed 100,000 times: one line of MBs)
+                by += f", and {len(touched) - _EVENTS_SHOWN:,} more (--json lists them all)"
             rows.append([kind, key, "-" if kind == "added" else compact(change.old, 40),
                          "-" if kind == "removed" else compact(change.new, 40), by])
     print(table(["CHANGE", "KEY", "OLD", "NEW", "EVENTS"], rows))

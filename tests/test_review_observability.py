@@ -162,3 +162,17 @@ def test_a_hook_name_made_from_code_is_escaped(engine: SessionEngine,
         engine.create("s")
     assert all("\n" not in r.getMessage() for r in caplog.records)
     assert "odd" in engine.metrics(format="prometheus")
+
+
+def test_the_diff_table_lists_ten_events_a_key(cli: Cli, engine_factory: EngineFactory) -> None:
+    """Review round 14: over a wide span the EVENTS cell listed every event that touched the
+    key, megabytes on one line for a key changed 100,000 times; --json keeps every one."""
+    engine = engine_factory()
+    sid = engine.create("s", state={"n": 0})
+    for n in range(1, 26):
+        engine.update(sid, {"n": n})
+    row = next(line for line in cli.ok("diff", sid, "1", "26").splitlines()
+               if line.startswith("changed"))
+    assert row.count(" by ") == 10 and row.endswith("and 15 more (--json lists them all)")
+    changed = cli.json("diff", sid, "1", "26")["changed"]["n"]
+    assert len(changed["changes"]) == 25
