@@ -342,12 +342,12 @@ class HookRegistry:
                 # hook's latency
                 elapsed = 0 if observer is None else time.perf_counter_ns() - started
                 failures = self._failed(sub.name, event, error, failures)
+                if observer is None:
+                    continue
             else:
                 if observer is None:  # no clock read at all without an observer
                     continue
                 elapsed = time.perf_counter_ns() - started
-            if observer is None:
-                continue
             try:
                 observer(sub.name, elapsed)
             except Exception as error:
