@@ -35,7 +35,7 @@ from uuid import UUID
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
 from sessionledger.domain.events import SessionEvent
 from sessionledger.domain.session import Session
-from sessionledger.domain.values import decimal_digits
+from sessionledger.domain.values import decimal_digits, escaped_unprintable
 from sessionledger.projections.audit import Change, StateDiff
 
 from .audit import parse_time
@@ -167,8 +167,7 @@ def terminal_text(value: object) -> str:
     """Text for the terminal (a table cell, a line of verify) with what it would act on
     escaped (a newline splits a row, an escape sequence can clear the screen): state keys,
     names and a tampered row's ids are any text."""
-    text = str(value)
-    return text if text.isprintable() else repr(text)[1:-1]
+    return escaped_unprintable(str(value))
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

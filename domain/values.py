@@ -55,6 +55,12 @@ def small_count(text: str, max_digits: int = 18) -> int | None:
     return int(text) if len(text) <= max_digits and decimal_digits(text) else None
 
 
+def escaped_unprintable(text: str) -> str:
+    """`text` as it is when printable, else with what is not (a newline, an escape sequence,
+    a lone surrogate) escaped as Python writes it in a literal (\\n, \\x1b, \\udcff)."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def utf8_encodable(text: str) -> bool:
     """True when `text` can be stored as UTF-8: it holds no lone surrogate (what Python makes
     of bytes it could not decode, in a file name or a command-line argument)."""

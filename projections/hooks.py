@@ -26,7 +26,7 @@ from uuid import UUID
 
 from sessionledger.domain.errors import InvalidArgument, SessionLedgerError
 from sessionledger.domain.events import SessionEvent, checked_event_types
-from sessionledger.domain.values import checked_text, parse_session_id
+from sessionledger.domain.values import checked_text, escaped_unprintable, parse_session_id
 
 __all__ = [
     "ON_ERROR_MODES",
@@ -85,7 +85,7 @@ def hook_name(handler: object) -> str:
     name = f"{module}.{qualname}" if isinstance(module, str) and module else qualname
     # made from code, not checked like a given name: what is not printable (a lone surrogate
     # broke every Prometheus exposition, a newline split a log line) is escaped
-    return name if name.isprintable() else repr(name)[1:-1]
+    return escaped_unprintable(name)
 
 
 def _session_filter(sessions: Iterable[str | UUID] | None) -> frozenset[str] | None:
