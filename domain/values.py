@@ -285,9 +285,10 @@ def checked_tags(value: Any) -> list[str]:
             tags.append(text)
             if len(tags) > MAX_TAGS:
                 raise InvalidArgument(f"a session has at most {MAX_TAGS} tags")
-    if sum(map(len, tags)) > MAX_TAGS_TEXT:
+    length = sum(map(len, tags))
+    if length > MAX_TAGS_TEXT:
         raise InvalidArgument(
-            f"the tags are {sum(map(len, tags))} characters together, at most {MAX_TAGS_TEXT}")
+            f"the tags are {length} characters together, at most {MAX_TAGS_TEXT}")
     return tags
 
 
