@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import re
 import sqlite3
@@ -205,6 +206,26 @@ def drop_if_broken(conn: Connection, error: BaseException) -> None:
         conn.invalidate()
 
 
+#: the logging_name of the stores' pools (their logger: sqlalchemy.pool.impl.<Pool>.sessionledger)
+_POOL_LOGGING_NAME = "sessionledger"
+
+
+class _InterruptsRaisedOn(logging.Filter):
+    """Drops a pool's record of an interrupt (KeyboardInterrupt, SystemExit): SQLAlchemy logs
+    one that lands while a connection goes back to the pool (its reset, its close) as an ERROR
+    with a traceback, then raises it on, so a Ctrl-C in a verify or a timeline printed a
+    traceback beside the CLI's one line. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = record.exc_info[0] if record.exc_info else None
+        return kind is None or issubclass(kind, Exception)
+
+
+for _pool_class in (QueuePool, StaticPool):
+    logging.getLogger(f"{_pool_class.__module__}.{_pool_class.__name__}.{_POOL_LOGGING_NAME}"
+                      ).addFilter(_InterruptsRaisedOn())
+
+
 #: the most connections one engine opens to a PostgreSQL server
 PG_MAX_CONNECTIONS = 32
 
@@ -301,6 +322,7 @@ class EventStore:
                     # 30 s for connections the others held, then failed; a SQLite connection is
                     # a file handle, not a server's process
                     **({} if self.single_connection else {"max_overflow": -1}),
+                    pool_logging_name=_POOL_LOGGING_NAME,
                 )
                 sync = DURABILITY_PRAGMAS[durability]
                 opened = self._sqlite_connections
@@ -334,7 +356,8 @@ class EventStore:
                 # threads get room before they wait on each other (30 s, then StorageError)
                 engine = sa.create_engine(url, connect_args={"connect_timeout": 10},
                                           pool_size=2, max_overflow=PG_MAX_CONNECTIONS - 2,
-                                          pool_pre_ping=True)
+                                          pool_pre_ping=True,
+                                          pool_logging_name=_POOL_LOGGING_NAME)
         except StorageError:
             raise
         except Exception as error:

@@ -421,3 +421,37 @@ def test_an_interrupt_in_a_catalog_fold_leaves_sqlite_writable(tmp_path: Path) -
         del interrupted
     finally:
         engine.close()
+
+
+def test_an_interrupt_as_a_scan_returns_its_connection_logs_nothing(
+        engine_factory: EngineFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """A Ctrl-C while a scan handed its connection back to the pool (the pool's reset): the
+    pool logged "Exception during reset or similar" with a traceback and raised the interrupt
+    on, so a Ctrl-C in a parallel verify or a timeline printed a traceback beside the CLI's one
+    line (seen in CI). The interrupt still propagates, and the engine still works."""
+    import logging
+
+    from sqlalchemy import event as sa_event
+
+    engine = engine_factory()
+    sid = engine.create("s", state={"n": 0})
+    engine.update(sid, {"n": 1})
+    interrupted: list[int] = []
+
+    def interrupt_once(*_args: Any) -> None:
+        if not interrupted:
+            interrupted.append(1)
+            raise KeyboardInterrupt
+
+    pool = engine._store.engine.pool
+    sa_event.listen(pool, "reset", interrupt_once)
+    try:
+        with (caplog.at_level(logging.DEBUG, logger="sqlalchemy.pool"),
+              pytest.raises(KeyboardInterrupt)):
+            list(engine.timeline())
+    finally:
+        sa_event.remove(pool, "reset", interrupt_once)
+    assert interrupted
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert [e.version for e in engine.timeline()] == [1, 2]
+    assert engine.verify().ok
