@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -30,6 +31,23 @@ MAX_WORKERS = 64
 _THREAD_EXIT_POLLS = 20
 #: a verify worker process's share of the piece counter (set as the process starts)
 _verify_counter: Any = None
+
+
+#: the worker processes of this process's parallel verifies, while they live
+_worker_processes: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _forget_the_parents_workers() -> None:
+    """In a process forked (by anyone) while a parallel verify's workers were still exiting:
+    they are its parent's children, not its own, and multiprocessing's exit handler failed on
+    joining them ("can only join a child process", printed as the process exited)."""
+    children = getattr(multiprocessing.process, "_children", None)
+    if isinstance(children, set):
+        children.difference_update(_worker_processes)
+    _worker_processes.clear()
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_workers)
 
 
 def spawn_reruns_main() -> bool:
@@ -178,6 +196,7 @@ def verify_in_processes(verifier: Verifier, store: EventStore, url: str, config:
         _end_workers(pool)
         raise
     finally:
+        _worker_processes.update((getattr(pool, "_processes", None) or {}).values())
         # Not waiting here for the workers to exit: each has closed its engine by the time
         # its result is in, and one that got no piece may still be importing. A thread
         # waits instead, holding the shared counter: a worker opens it as it starts, and

@@ -98,3 +98,31 @@ def test_forked_and_spawned_workers_report_the_same_and_leave_the_engine_working
     assert engine.update(later, {"k": 1}) == 2
     assert engine.get(later).state == {"k": 1}
     assert engine.verify(workers=1).problems == report.problems
+
+
+@linux_only
+@pytest.mark.timeout(120)
+def test_a_process_forked_right_after_a_parallel_verify_exits_quietly(tmp_path: Path) -> None:
+    """The verify's workers may still be exiting when the application forks (a prefork
+    server started right after a verify at start-up): the child inherited them in
+    multiprocessing's list of children, and its exit handler failed on joining them ("can
+    only join a child process", printed as the child exited)."""
+    done = run_script(tmp_path, """
+        import os, sys
+        from sessionledger import SessionEngine
+        with SessionEngine("sqlite:///app.db") as engine:
+            for i in range(50):
+                engine.create(f"s{i}")
+            assert engine.verify(workers=2).ok
+            pid = os.fork()
+            if pid == 0:
+                engine.create("made-by-child")
+                sys.exit(0)  # an interpreter's exit: its exit handlers run
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert engine.find(name="made-by-child")
+        print("done")
+        """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "done"
+    assert done.stderr == ""
