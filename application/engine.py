@@ -846,9 +846,9 @@ class SessionEngine:
             return verifier.run()
         url = self._store.url.render_as_string(hide_password=False)
         config = dataclasses.replace(self.config, lifecycle_hooks=False, auto_rebuild=False)
-        report, closer = verify_in_processes(verifier, self._store, url, config, workers, method)
-        self._verify_closers = [t for t in self._verify_closers if t.is_alive()] + [closer]
-        return report
+        self._verify_closers[:] = [t for t in self._verify_closers if t.is_alive()]
+        return verify_in_processes(verifier, self._store, url, config, workers, method,
+                                   self._verify_closers)
 
     def _auto_verify_workers(self) -> int:
         """How many processes verify() uses when not told: several for a big log on a file or

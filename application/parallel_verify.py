@@ -165,11 +165,13 @@ def verify_pieces(url: str, config: SessionConfig,
 
 
 def verify_in_processes(verifier: Verifier, store: EventStore, url: str, config: SessionConfig,
-                        workers: int, method: str) -> tuple[VerifyReport, threading.Thread]:
+                        workers: int, method: str, closers: list[threading.Thread]
+                        ) -> VerifyReport:
     """Every session checked by this process and `workers - 1` others started by `method`
     ("fork" or "spawn", see start_method; each its own engine on `url` with `config`);
-    returns the merged report and the thread that waits for the workers to exit (close()
-    joins it)."""
+    returns the merged report. The thread that waits for the workers to exit is appended to
+    `closers` (close() joins them), interrupted or not: an interrupted verify's thread
+    otherwise raced the interpreter's exit."""
     context = multiprocessing.get_context(method)
     counter = context.Value("i", 0)
     # This process starts on the pieces at once; the workers take pieces once they are up
@@ -204,4 +206,5 @@ def verify_in_processes(verifier: Verifier, store: EventStore, url: str, config:
         closer = threading.Thread(target=_close_verify_pool, args=(pool, counter),
                                   name="sessionledger-verify-pool")
         closer.start()
-    return merge(reports), closer
+        closers.append(closer)
+    return merge(reports)

@@ -7,12 +7,15 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _helpers import Backend
 from conftest import EngineFactory
 
+from sessionledger import SessionEngine
 from sessionledger.parallel_verify import start_method
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="fork is used on Linux only")
@@ -126,3 +129,33 @@ def test_a_process_forked_right_after_a_parallel_verify_exits_quietly(tmp_path: 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "done"
     assert done.stderr == ""
+
+
+@linux_only
+def test_close_waits_for_the_workers_of_an_interrupted_verify(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A verify interrupted in this process (Ctrl-C) left the thread that waits for its
+    workers unknown to the engine: close() did not wait for it, and the interpreter's exit
+    raced it ("Exception ignored ... _python_exit ... Bad file descriptor", seen 1 run in 25)."""
+    import sessionledger.parallel_verify as parallel_verify
+
+    real_close = parallel_verify._close_verify_pool
+
+    def slow_close(pool: Any, counter: Any) -> None:
+        time.sleep(0.5)  # workers slow to exit
+        real_close(pool, counter)
+
+    def interrupted(*_args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    engine = SessionEngine(f"sqlite:///{tmp_path / 'v.db'}")
+    try:
+        for i in range(10):
+            engine.create(f"s{i}")
+        monkeypatch.setattr(parallel_verify, "_close_verify_pool", slow_close)
+        monkeypatch.setattr(parallel_verify, "run_pieces", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            engine.verify(workers=2)
+    finally:
+        engine.close()
+    assert not [t for t in threading.enumerate() if t.name == "sessionledger-verify-pool"]
