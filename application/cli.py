@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.set_defaults(run=history_filtered)
     add_audit_verbs(verbs, common)
 
-    snapshots = verbs.add_parser("snapshots", help="snapshot maintenance")
+    snapshots = verbs.add_parser("snapshots", parents=[common], help="snapshot maintenance")
     snapshot_verbs = snapshots.add_subparsers(dest="snapshots_verb", required=True,
                                               metavar="VERB")
     rebuild_snapshots = snapshot_verbs.add_parser(
@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup = verbs.add_parser("cleanup", parents=[common],
                                help="archive (or purge) ended sessions by age and count")
     cleanup.add_argument("--max-age", type=parse_age, metavar="AGE",
-                         help="ended longer ago than this: 30d, 12h, 15m, 45s")
+                         help="last event older than this: 30d, 12h, 15m, 45s")
     cleanup.add_argument("--keep-last", type=count_option("--keep-last", clamp=True),
                          metavar="N", help="always keep the N sessions that ended last")
     cleanup.add_argument("--purge", action="store_true",

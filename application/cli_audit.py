@@ -206,6 +206,8 @@ def print_session(session: Session, as_json: bool) -> None:
     if as_json:
         print(_dumps(info))
         return
+    info["created_at"], info["updated_at"] = (table_time(session.created_at),
+                                              table_time(session.updated_at))
     for key in ("id", "name", "status", "version", "parent", "created_at", "updated_at"):
         print(f"{key:12} {terminal_text(info[key]) if info[key] is not None else '-'}")
     print(f"{'tags':12} {terminal_text(', '.join(session.tags)) or '-'}")

@@ -28,7 +28,8 @@ class SessionConfig:
         and applies again before it raises ConcurrencyConflict (commands given
         expected_version= never retry).
     max_event_bytes: the largest encoded event accepted (EventTooLarge above it).
-    compress_threshold: event payloads larger than this many bytes are lz4-compressed.
+    compress_threshold: event payloads larger than this many bytes are lz4-compressed when
+        that makes them smaller.
     integrity_key: a secret (str or bytes) that keys the blake3 hash chain of each session.
     snapshot_every: a snapshot every this many events (0: only on save() and checkpoint(),
         which always write one).
