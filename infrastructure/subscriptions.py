@@ -14,7 +14,7 @@ given commits together with the new position: exactly once.
 from __future__ import annotations
 
 import contextlib
-import select
+import selectors
 import threading
 import time
 import traceback
@@ -284,7 +284,11 @@ class Waker:
         db = self._fairy.dbapi_connection
         try:
             # block on the socket, then drain every pending notification without waiting
-            ready, _, _ = select.select([db.fileno()], [], [], timeout)
+            # (a selector, not select(): that refuses a descriptor past 1,023, which a process
+            # with many files open gives, and every wait then took a new connection)
+            with selectors.DefaultSelector() as selector:
+                selector.register(db.fileno(), selectors.EVENT_READ)
+                ready = selector.select(timeout)
             if ready:
                 for _ in db.notifies(timeout=0):
                     pass

@@ -1,0 +1,55 @@
+"""Review round 15 (a process that runs for days): what grew or churned without bound."""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from _helpers import Backend
+
+from sessionledger import SessionEngine
+from sessionledger.infrastructure.subscriptions import Waker
+
+
+@pytest.fixture
+def over_1024_descriptors() -> Iterator[None]:
+    """More than 1,024 files open (a server's sockets and clients), so the next ones opened
+    get descriptors past what select() takes."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip(f"the open files limit is {soft}")
+    opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        yield
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def test_the_listener_waits_on_a_descriptor_past_1024(
+        pg_backend: Backend, over_1024_descriptors: None) -> None:
+    """The PostgreSQL waker waited with select(), which refuses a descriptor of 1,024 or more:
+    each wait failed at once, was taken for a broken connection and opened a new one (48 new
+    server connections a second from an idle runner, and no NOTIFY ever woke it)."""
+    with SessionEngine(pg_backend.url) as engine:
+        waker = Waker(engine._store)
+        try:
+            listening = waker._fairy
+            assert listening.dbapi_connection.fileno() >= 1024
+            for _ in range(5):  # (other databases' commits may wake it: the channel is shared)
+                waker.wait(0.05)
+                assert waker._fairy is listening
+            # a NOTIFY (a commit) wakes it before its timeout
+            commit = threading.Timer(0.2, lambda: engine.create("s"))
+            commit.start()
+            started = time.monotonic()
+            waker.wait(10)
+            assert time.monotonic() - started < 5
+            commit.join()
+            assert waker._fairy is listening
+        finally:
+            waker.close()
