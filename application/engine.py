@@ -176,6 +176,7 @@ class SessionEngine:
         metrics = MetricsHook()
         self.hooks.latency_observer = metrics.observe_latency
         self.hooks.error_observer = metrics.observe_error
+        self.hooks.release_observer = metrics.forget_hook
         metrics.hook_names = lambda: [hook.name for hook in self.hooks.subscriptions]
         self.hooks.subscribe(LoggingHook(), name="LoggingHook")
         self.hooks.subscribe(metrics, name="MetricsHook")

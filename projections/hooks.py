@@ -42,6 +42,8 @@ Handler = Callable[[SessionEvent], object]
 LatencyObserver = Callable[[str, int], object]
 #: (hook name) of a handler call that raised
 ErrorObserver = Callable[[str], object]
+#: (hook name) that no subscription has any more
+ReleaseObserver = Callable[[str], object]
 #: one failed handler call: (hook name, event, exception)
 Failure = tuple[str, SessionEvent, Exception]
 
@@ -194,8 +196,9 @@ class HookRegistry:
     them) costs an event nothing, and subscribing or unsubscribing one costs no copy of all.
 
     ``latency_observer(hook_name, nanoseconds)`` and ``error_observer(hook_name)``, when set,
-    are told about every handler call and every failed one (the MetricsHook has
-    ``observe_latency`` and ``observe_error`` for that).
+    are told about every handler call and every failed one, and ``release_observer(hook_name)``
+    when no subscription has that name any more (the MetricsHook has ``observe_latency``,
+    ``observe_error`` and ``forget_hook`` for that).
     """
 
     def __init__(self, on_error: str = "isolate", logger_name: str = "sessionledger.hooks") -> None:
@@ -211,6 +214,10 @@ class HookRegistry:
         self.latency_observer: LatencyObserver | None = None
         #: called with (hook name) after every failed handler call
         self.error_observer: ErrorObserver | None = None
+        #: called with (hook name) once no subscription has that name any more
+        self.release_observer: ReleaseObserver | None = None
+        #: hook name -> how many subscriptions have it
+        self._name_counts: dict[str, int] = {}
         #: every subscription by its number (in subscription order)
         self._all: dict[int, HookSubscription] = {}
         #: the subscriptions without a session filter, in order (replaced, never mutated)
@@ -270,6 +277,7 @@ class HookRegistry:
             subscription._seq = self._next_seq
             self._next_seq += 1
             self._all[subscription._seq] = subscription
+            self._name_counts[name] = self._name_counts.get(name, 0) + 1
             if subscription.sessions is None:
                 self._everywhere = (*self._everywhere, subscription)
             else:
@@ -282,16 +290,25 @@ class HookRegistry:
         with self._lock:
             if self._all.pop(subscription._seq, None) is None:
                 return
+            name = subscription.name
+            released = self._name_counts[name] == 1
+            if released:
+                del self._name_counts[name]
+            else:
+                self._name_counts[name] -= 1
             if subscription.sessions is None:
                 self._everywhere = tuple(s for s in self._everywhere if s is not subscription)
-                return
-            index = self._by_session
-            for sid in subscription.sessions:
-                left = tuple(s for s in index.get(sid, ()) if s is not subscription)
-                if left:
-                    index[sid] = left
-                else:
-                    index.pop(sid, None)
+            else:
+                index = self._by_session
+                for sid in subscription.sessions:
+                    left = tuple(s for s in index.get(sid, ()) if s is not subscription)
+                    if left:
+                        index[sid] = left
+                    else:
+                        index.pop(sid, None)
+        observe = self.release_observer
+        if released and observe is not None:
+            observe(name)
 
     def _offered(self, session_id: str, everywhere: tuple[HookSubscription, ...],
                  before: int) -> tuple[HookSubscription, ...]:

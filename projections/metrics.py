@@ -70,8 +70,10 @@ _le = cast(Callable[[float], str], floatToGoString)
 class MetricsHook:
     """A hook (callable taking one SessionEvent) that counts what the engine commits.
 
-    Subscribe it to every event type; wire ``observe_latency`` / ``observe_error`` to the
-    registry's ``latency_observer`` / ``error_observer`` for the hook figures. Read the figures
+    Subscribe it to every event type; wire ``observe_latency`` / ``observe_error`` /
+    ``forget_hook`` to the registry's ``latency_observer`` / ``error_observer`` /
+    ``release_observer`` for the hook figures (kept while a hook of that name is subscribed;
+    the engine wires them). Read the figures
     with :meth:`snapshot` (a JSON-able dict) or :meth:`prometheus` (text exposition), or register
     :attr:`collector` in a prometheus_client registry of your own.
     """
@@ -210,6 +212,13 @@ class MetricsHook:
         """Record one handler call of `hook_name` that raised."""
         errors = self._hook_errors
         errors[hook_name] = errors.get(hook_name, 0) + 1
+
+    def forget_hook(self, hook_name: str) -> None:
+        """Drop the figures of `hook_name`, which no subscription has any more: a hook per
+        session, each with its own name, made them (and the exposition) grow for good. (A call
+        of that hook still running may record one more figure.)"""
+        self._latency.pop(hook_name, None)
+        self._hook_errors.pop(hook_name, None)
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -53,3 +53,31 @@ def test_the_listener_waits_on_a_descriptor_past_1024(
             assert waker._fairy is listening
         finally:
             waker.close()
+
+
+def test_the_figures_of_unsubscribed_hooks_go(memory_engine: SessionEngine) -> None:
+    """The MetricsHook kept a latency entry and three Prometheus series for every hook name
+    ever subscribed: a hook per session, each named, grew them (and every scrape) for good."""
+    engine = memory_engine
+    sid = engine.create("s")
+    kept = engine.hooks.subscribe(lambda event: None, name="kept")
+    twin = engine.hooks.subscribe(lambda event: None, name="kept")  # two share the name
+    for i in range(50):
+        hook = engine.hooks.subscribe(lambda event: None, sessions=[sid], name=f"sse-{i}")
+        engine.update(sid, {"i": i})
+        hook.unsubscribe()
+    failing = engine.hooks.subscribe(lambda event: 1 / 0, name="failing")
+    engine.update(sid, {"i": -1})
+    assert engine.metrics()["hook_errors_total"] == {"failing": 1}
+    failing.unsubscribe()
+    twin.unsubscribe()
+    engine.update(sid, {"i": -2})
+    figures = engine.metrics()
+    assert set(figures["hook_latency_seconds"]) == {"LoggingHook", "MetricsHook", "kept"}
+    assert figures["hook_latency_seconds"]["kept"]["count"] == 52 * 2 - 1
+    assert figures["hook_errors_total"] == {}
+    exposition = engine.metrics(format="prometheus")
+    assert "sse-" not in exposition and "failing" not in exposition
+    assert 'sessionledger_hook_errors_total{hook="kept"} 0.0' in exposition
+    kept.unsubscribe()
+    assert "kept" not in engine.metrics()["hook_latency_seconds"]
