@@ -89,7 +89,7 @@ if __name__ == "__main__":
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/status") as status:
-            return "\\nState:\\tZ" not in status.read()  # a zombie has ended
+            return "\nState:\tZ" not in status.read()  # a zombie has ended
     except FileNotFoundError:
         return False
 
