@@ -177,6 +177,7 @@ class SessionEngine:
         self.hooks.latency_observer = metrics.observe_latency
         self.hooks.error_observer = metrics.observe_error
         self.hooks.release_observer = metrics.forget_hook
+        metrics.hook_subscribed = self.hooks.has_hook_named
         metrics.hook_names = lambda: [hook.name for hook in self.hooks.subscriptions]
         self.hooks.subscribe(LoggingHook(), name="LoggingHook")
         self.hooks.subscribe(metrics, name="MetricsHook")

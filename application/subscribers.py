@@ -251,7 +251,15 @@ class SubscriberThread:
         try:
             while not self._stopping.is_set():
                 busy = False
-                for consumer in self._consumers():
+                consumers = self._consumers()
+                if retry_at:
+                    # a failed subscriber unsubscribed since: its past retry time made every
+                    # idle wait 0 s (a busy loop), and its error stayed listed
+                    current = {consumer.name for consumer in consumers}
+                    for gone in [name for name in retry_at if name not in current]:
+                        del retry_at[gone], delays[gone]
+                        self.errors.pop(gone, None)
+                for consumer in consumers:
                     name = consumer.name
                     if self._stopping.is_set():  # (stopped by a handler of this batch)
                         break

@@ -238,6 +238,10 @@ class HookRegistry:
         """True when at least one hook is subscribed (the engine skips building events if not)."""
         return bool(self._all)
 
+    def has_hook_named(self, name: str) -> bool:
+        """True while a subscription has that hook name."""
+        return name in self._name_counts
+
     @property
     def subscriptions(self) -> tuple[HookSubscription, ...]:
         """The current subscriptions, in delivery order."""

@@ -108,6 +108,8 @@ class MetricsHook:
         #: the names of the hooks subscribed now (set by the engine), listed in the exposition
         #: before their first call or error
         self.hook_names: Callable[[], Iterable[str]] | None = None
+        #: whether a hook of that name is subscribed now (set by the engine)
+        self.hook_subscribed: Callable[[str], bool] | None = None
         # event type -> what it does to the status gauge, looked up once per event
         self._lifecycle: dict[str, Callable[[SessionEvent], None]] = {
             ev.SESSION_STARTED: self._on_started,
@@ -201,6 +203,8 @@ class MetricsHook:
         """Record one handler call of `hook_name` that took `nanoseconds`."""
         stats = self._latency.get(hook_name)
         if stats is None:
+            if not self._subscribed(hook_name):
+                return
             self._latency[hook_name] = [1, nanoseconds, nanoseconds]
             return
         stats[0] += 1
@@ -211,12 +215,20 @@ class MetricsHook:
     def observe_error(self, hook_name: str) -> None:
         """Record one handler call of `hook_name` that raised."""
         errors = self._hook_errors
-        errors[hook_name] = errors.get(hook_name, 0) + 1
+        if hook_name in errors or self._subscribed(hook_name):
+            errors[hook_name] = errors.get(hook_name, 0) + 1
+
+    def _subscribed(self, hook_name: str) -> bool:
+        """False for a hook that no subscription has any more: one that unsubscribed in its own
+        call was forgotten (forget_hook) before that call's figures came, which otherwise
+        stayed for good. Asked only as a name's figures begin."""
+        subscribed = self.hook_subscribed
+        return subscribed is None or subscribed(hook_name)
 
     def forget_hook(self, hook_name: str) -> None:
         """Drop the figures of `hook_name`, which no subscription has any more: a hook per
         session, each with its own name, made them (and the exposition) grow for good. (A call
-        of that hook still running may record one more figure.)"""
+        of that hook still running in another thread may record one more figure.)"""
         self._latency.pop(hook_name, None)
         self._hook_errors.pop(hook_name, None)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from _helpers import Backend
@@ -81,3 +84,64 @@ def test_the_figures_of_unsubscribed_hooks_go(memory_engine: SessionEngine) -> N
     assert 'sessionledger_hook_errors_total{hook="kept"} 0.0' in exposition
     kept.unsubscribe()
     assert "kept" not in engine.metrics()["hook_latency_seconds"]
+
+
+def test_a_failed_subscriber_unsubscribed_leaves_the_runner_idle(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A durable subscriber that failed, then was unsubscribed, kept its retry time (soon
+    past) in the background runner: every idle wait was then 0 s, a busy loop (2,045 waits a
+    second on SQLite, each a poll), and the runner kept listing its error."""
+    caplog.set_level(logging.CRITICAL, logger="sessionledger")
+    with SessionEngine(f"sqlite:///{tmp_path / 'a.db'}") as engine:
+        engine.create("s")
+
+        def failing(event: Any) -> None:
+            raise RuntimeError("boom")
+
+        engine.subscribe("failing", failing)
+        handle = engine.run_subscribers()
+        deadline = time.monotonic() + 10
+        while "failing" not in handle.errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "failing" in handle.errors
+        engine.unsubscribe("failing")
+        time.sleep(1.5)  # past its retry time (1 s after the failure)
+        waits = 0
+        real_wait = handle._waker.wait
+
+        def counted(timeout: float) -> None:
+            nonlocal waits
+            waits += 1
+            real_wait(timeout)
+
+        handle._waker.wait = counted  # type: ignore[method-assign]
+        time.sleep(1.0)
+        assert waits < 100, waits  # a 50 ms poll: about 20
+        assert handle.errors == {}
+
+
+def test_the_figures_of_a_hook_that_unsubscribes_itself_go(
+        memory_engine: SessionEngine) -> None:
+    """A one-shot hook unsubscribing in its own call was forgotten, then that call's latency
+    (or error) figure came and stayed for good: the release above missed the README's own
+    case of a hook per session."""
+    engine = memory_engine
+    sid = engine.create("s")
+    def one_shot(name: str, fails: bool) -> None:
+        subscribed: list[Any] = []
+
+        def once(event: Any) -> None:
+            subscribed[0].unsubscribe()
+            if fails:
+                raise RuntimeError("after unsubscribing")
+
+        subscribed.append(engine.hooks.subscribe(once, sessions=[sid], name=name))
+
+    for i in range(20):
+        one_shot(f"once-{i}", fails=False)
+        one_shot(f"failing-{i}", fails=True)
+        engine.update(sid, {"i": i})
+    figures = engine.metrics()
+    assert set(figures["hook_latency_seconds"]) == {"LoggingHook", "MetricsHook"}
+    assert figures["hook_errors_total"] == {}
+    assert "once-" not in engine.metrics(format="prometheus")
