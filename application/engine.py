@@ -146,6 +146,11 @@ class SessionEngine:
         self._closed_by: SubscriberThread | None = None
         #: threads waiting for parallel verifies' workers to exit (joined by close())
         self._verify_closers: list[threading.Thread] = []
+        #: .depth: run_subscribers(until_idle=True) calls under way on this thread
+        self._delivering = threading.local()
+        #: close() was called by a handler under run_subscribers(until_idle=True): the store
+        #: closes as that call returns
+        self._close_when_delivered = False
         self._catalog_outdated = False
         try:
             if self._catalog.outdated():
@@ -200,8 +205,9 @@ class SessionEngine:
         """Stop the background subscriber runners this engine started (waiting up to 10 s for
         each: a runner whose handler still runs then is left to end its batch, with a logged
         warning) and release the database connection. The engine cannot be used afterwards.
-        Called by a durable handler on a background runner, it returns at once, and the engine
-        closes when that handler's batch has committed."""
+        Called by a durable handler (on a background runner, or under
+        ``run_subscribers(until_idle=True)``), it returns at once, and the engine closes when
+        that handler's batch has committed."""
         # A durable handler on a background runner closing the engine: that runner cannot
         # wait for itself; it stops, and closes the store, once its batch has committed (the
         # store closed under it, its position would not move, and the handler would see the
@@ -227,10 +233,14 @@ class SessionEngine:
                 closer.join()
             self._verify_closers.clear()
         finally:  # (interrupted while it waited: closed all the same)
-            if own is None:
-                self._close_store()
-            else:
+            if own is not None:
                 own.after_stop = self._close_store
+            elif getattr(self._delivering, "depth", 0):
+                # a durable handler under run_subscribers(until_idle=True) on this thread: as
+                # for a runner's, the store closes once that batch has committed
+                self._close_when_delivered = True
+            else:
+                self._close_store()
 
     def _close_store(self) -> None:
         with self._lock:
@@ -599,10 +609,21 @@ class SessionEngine:
                 f"batch_size must be an int in 1..{MAX_BATCH:,}, got {batch_size!r}")
         runner = SubscriberRunner(self._subscriptions, batch_size)
         if checked_flag(until_idle, "until_idle"):
-            delivered = {}
-            for consumer in self._consumers():
-                delivered[consumer.name] = runner.catch_up(consumer)
-            return delivered
+            self._store.check_open()
+            delivering = self._delivering
+            delivering.depth = getattr(delivering, "depth", 0) + 1
+            try:
+                delivered = {}
+                for consumer in self._consumers():
+                    if self._close_when_delivered:
+                        break
+                    delivered[consumer.name] = runner.catch_up(
+                        consumer, stop=lambda: self._close_when_delivered)
+                return delivered
+            finally:
+                delivering.depth -= 1
+                if not delivering.depth and self._close_when_delivered:
+                    self._close_store()
         with self._runners_lock:
             self._store.check_open()
             if self._closing:

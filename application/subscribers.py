@@ -207,16 +207,17 @@ class SubscriberRunner:
             subs.advance(conn, consumer.name, upto)
             return max(handled, 1)
 
-    def catch_up(self, consumer: Consumer) -> int:
+    def catch_up(self, consumer: Consumer, stop: Callable[[], bool] | None = None) -> int:
         """Deliver to `consumer` everything committed before this call; return how many events
         it handled. Events committed meanwhile may be delivered too, but are not waited for:
         with another process appending without pause, "up to the head" is never reached (on
-        PostgreSQL, find() ran for as long as the writers did)."""
+        PostgreSQL, find() ran for as long as the writers did). `stop`, asked after each
+        batch: True ends the catch-up there."""
         target = self.subscriptions.head()
         total = 0
         while True:
             total += self.step(consumer)
-            if not self._behind(consumer, target):
+            if not self._behind(consumer, target) or (stop is not None and stop()):
                 return total
 
     def _behind(self, consumer: Consumer, target: int) -> bool:

@@ -455,3 +455,29 @@ def test_an_interrupt_as_a_scan_returns_its_connection_logs_nothing(
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert [e.version for e in engine.timeline()] == [1, 2]
     assert engine.verify().ok
+
+
+def test_close_from_a_durable_handler_under_run_until_idle(
+        engine_factory: EngineFactory) -> None:
+    """close() from a handler under run_subscribers(until_idle=True) closed the store under
+    the batch: its position never moved, so every start delivered the same event again (and
+    closed again). As on a background runner, the engine closes once the batch committed."""
+    engine = engine_factory()
+    sid = engine.create("svc")
+    engine.record(sid, "shutdown", {})
+    engine.record(sid, "after", {})
+    seen: list[str] = []
+
+    def on_shutdown(event: Any) -> None:
+        seen.append(event.data["kind"] if event.type == "EventRecorded" else event.type)
+        if event.type == "EventRecorded" and event.data["kind"] == "shutdown":
+            engine.close()
+
+    engine.subscribe("shutdown-watcher", on_shutdown, events=["EventRecorded"])
+    delivered = engine.run_subscribers(until_idle=True, batch_size=1)
+    assert seen == ["shutdown"] and delivered["shutdown-watcher"] == 1
+    with pytest.raises(StorageError, match="closed"):
+        engine.update(sid, {"x": 1})
+    later = engine_factory()
+    status = {s.name: s for s in later.subscribers()}["shutdown-watcher"]
+    assert status.position > 0 and status.lag == 1  # "after" is still to come
