@@ -146,6 +146,12 @@ class SubscriptionStore:
                         # deleted while this waited for its lock (a catalog swap forgets the
                         # rebuild's row): insert it again and lock that, so two engines waiting
                         # here take turns instead of both going on unlocked
+                    else:
+                        # never unlocked, never from position 0: an exactly-once subscriber
+                        # would be handed its whole log again
+                        raise StorageError(
+                            f"cannot lock the tracking row of subscriber {name!r}: it was "
+                            "deleted each time this waited for it (rebuilds racing); try again")
                     if hold_off_purges:
                         self.store.hold_off_purges(conn)
                 held.add(name)

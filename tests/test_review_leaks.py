@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from _helpers import Backend
 
-from sessionledger import SessionEngine
+from sessionledger import SessionEngine, StorageError
 from sessionledger.infrastructure.subscriptions import Waker
 
 
@@ -145,3 +145,23 @@ def test_the_figures_of_a_hook_that_unsubscribes_itself_go(
     assert set(figures["hook_latency_seconds"]) == {"LoggingHook", "MetricsHook"}
     assert figures["hook_errors_total"] == {}
     assert "once-" not in engine.metrics(format="prometheus")
+
+
+def test_a_tracking_row_that_cannot_be_locked_delivers_nothing(
+        pg_backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Review round 15, code reading.) A tracking row deleted each of the three times a
+    subscriber waited for its lock (rebuilds racing): the subscriber went on unlocked from
+    position 0, and an exactly-once subscriber was handed its whole log again."""
+    from sessionledger.infrastructure.subscriptions import SubscriptionStore
+
+    with SessionEngine(pg_backend.url) as engine:
+        sid = engine.create("s")
+        engine.update(sid, {"n": 1})
+        seen: list[int] = []
+        engine.subscribe("counter", lambda event: seen.append(event.position))
+        engine.run_subscribers(until_idle=True)
+        assert len(seen) == 2
+        monkeypatch.setattr(SubscriptionStore, "_locked_row", lambda self, conn, name: None)
+        with pytest.raises(StorageError, match="cannot lock the tracking row"):
+            engine.run_subscribers(until_idle=True)
+        assert len(seen) == 2
