@@ -345,7 +345,9 @@ class SessionWriter:
                     return used_key.version
                 except SessionGone:  # purged meanwhile (by another engine): nothing written
                     raise self.not_found(sid) from None
-                if rows:
+                if not rows:  # a keyed command that changed nothing: only its key was written
+                    self._remember(session, head)
+                else:
                     self._remember(session, rows[-1][7])
                     if self.hooks.active:
                         if len(rows) == 1:

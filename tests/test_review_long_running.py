@@ -1,4 +1,5 @@
-"""Review round 15 (a process that runs for days): what grew or churned without bound."""
+"""Review round 15 (a process that runs for days, and the code read again): what grew, churned
+or went wrong without bound."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from _helpers import Backend
+from conftest import EngineFactory
 
 from sessionledger import SessionEngine, StorageError
 from sessionledger.infrastructure.subscriptions import Waker
@@ -165,3 +167,17 @@ def test_a_tracking_row_that_cannot_be_locked_delivers_nothing(
         with pytest.raises(StorageError, match="cannot lock the tracking row"):
             engine.run_subscribers(until_idle=True)
         assert len(seen) == 2
+
+
+def test_a_keyed_command_that_changes_nothing_keeps_the_session_loaded(
+        engine_factory: EngineFactory) -> None:
+    """The session leaves the working set while its command commits; a keyed command that
+    changed nothing (only its key written) never put it back, so the next command loaded it
+    from the database again."""
+    engine = engine_factory()
+    sid = engine.create("s", state={"n": 1})
+    assert sid in engine._writer._working_set
+    assert engine.update(sid, {"n": 1}, idempotency_key="same") == 1
+    assert sid in engine._writer._working_set
+    assert engine.update(sid, {"n": 2}) == 2
+    assert engine.get(sid).state == {"n": 2}
