@@ -814,7 +814,7 @@ class SessionEngine:
         if self._metrics_hook is not None and (
             purged or self._store.tombstone(sid) is not None
         ):
-            self._metrics_hook.forget(sid)
+            self._metrics_hook.forget_session(sid)
         return purged
 
     # -- tamper evidence ------------------------------------------------------------------------

@@ -5,7 +5,8 @@ version, match its chain digest (blake3 over the previous digest and everything 
 event; keyed with SessionConfig.integrity_key), decode, and apply to the session (the shape checks
 of a load). The first broken link of each session is reported: a changed byte, a deleted,
 inserted or reordered event all break the chain there. Each snapshot must decode, match its own
-digest, sit on the chain and equal the session replayed to its version.
+digest, sit on the chain and equal the session replayed to its version. A tombstone (a purged
+session) beside events of that session is reported too.
 
 What a chain cannot show: events deleted from the end of a stream (the remaining prefix is a
 valid chain). Snapshots and the catalog remember later versions, so such a truncation shows up

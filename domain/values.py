@@ -48,11 +48,11 @@ def checked_flag(value: object, what: str) -> bool:
     return value
 
 
-def small_count(text: str, max_digits: int = 18) -> int | None:
-    """The number `text` writes in at most `max_digits` ASCII digits (18: any int64), or None:
-    stored and passed-in counts (versions, positions, times) are never longer, and int() of
-    4,300 digits or more raises ValueError."""
-    return int(text) if len(text) <= max_digits and decimal_digits(text) else None
+def small_count(text: str) -> int | None:
+    """The number `text` writes in at most 18 ASCII digits (below 10**18), or None: stored
+    counts (versions, positions, times in microseconds, swap counts) are never longer, and
+    int() of 4,300 digits or more raises ValueError."""
+    return int(text) if len(text) <= 18 and decimal_digits(text) else None
 
 
 def escaped_unprintable(text: str) -> str:

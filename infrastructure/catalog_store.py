@@ -33,9 +33,11 @@ Window = tuple[Totals, list[tuple[str, int, str, int, str | None, bytes]]]
 
 _COLS = ", ".join(CATALOG_COLUMNS)
 _UPDATES = ", ".join(f"{c} = excluded.{c}" for c in CATALOG_COLUMNS[1:])
-#: the PostgreSQL types of CATALOG_COLUMNS, for a write over arrays
-_PG_ARRAY_TYPES = ("varchar", "varchar", "varchar", "varchar", "varchar", "bigint", "bigint",
-                   "int", "int", "varchar", "varchar")
+#: the PostgreSQL types of CATALOG_COLUMNS, for a write over arrays, read off the table (plain
+#: varchar: a cast to varchar(n) would cut a longer value short instead of failing)
+_PG_ARRAY_TYPES = tuple(
+    {sa.String: "varchar", sa.BigInteger: "bigint", sa.Integer: "int"}[type(column.type)]
+    for column in (schema.catalog_tables(sa.MetaData())[0].c[name] for name in CATALOG_COLUMNS))
 _CHUNK = 500  # ids per IN (...) list: well below every driver's parameter limit
 NEXT = "_next"
 
@@ -200,11 +202,6 @@ class CatalogStore:
         target = sa.MetaData()
         for table in schema.catalog_tables(target, NEXT):
             conn.execute(CreateTable(table, if_not_exists=True))
-
-    def next_exists(self) -> bool:
-        """True while a rebuild's "_next" tables exist (made, not yet swapped in)."""
-        with self.store.storage_errors("read from"), self.store.connection() as conn:
-            return bool(sa.inspect(conn).has_table(f"sl_catalog{NEXT}"))
 
     def drop_purged_next(self, conn: Connection) -> None:
         """Remove from the rebuild's rows the sessions purged since it folded them (a purge

@@ -1,5 +1,5 @@
-"""Read statements over the event log and the snapshots for the audit queries and verify()
-(qmark parameters: EventStore.query and EventStore.scan adapt them to the dialect).
+"""Read statements over the event log and the snapshots for the audit queries, verify() and
+retention (qmark parameters: EventStore.query and EventStore.scan adapt them to the dialect).
 
 They live here, with the storage, so that the application layer names no table or column.
 """

@@ -458,7 +458,8 @@ class EventStore:
             if self._closed:
                 return
             self._closed = True
-            if not isinstance(self._fairy, _ConnectOnUse):  # (forked, never used since)
+            # (a _ConnectOnUse: forked, or abandoned after an interrupt, never used since)
+            if not isinstance(self._fairy, _ConnectOnUse):
                 with contextlib.suppress(Exception):
                     self._fairy.close()
             self.engine.dispose()

@@ -225,7 +225,8 @@ class HookRegistry:
         #: session id -> the subscriptions whose filter names it, in order (values replaced)
         self._by_session: dict[str, tuple[HookSubscription, ...]] = {}
         self._next_seq = 1
-        self._lock = threading.Lock()  # serialises writers only; dispatch never takes it
+        # serialises subscribing, unsubscribing and listing; dispatch never takes it
+        self._lock = threading.Lock()
         self._errors = 0
 
     def after_fork_in_child(self) -> None:

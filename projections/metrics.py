@@ -180,7 +180,7 @@ class MetricsHook:
         self._set_status(event.session_id, _ARCHIVED)
         self._started_at.pop(event.session_id, None)
 
-    def forget(self, session_id: str) -> None:
+    def forget_session(self, session_id: str) -> None:
         """A session purged for good: it leaves the status it was counted in and the hook's
         memory."""
         old = self._status_of.pop(session_id, None)
