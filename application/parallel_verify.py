@@ -182,6 +182,7 @@ def verify_in_processes(verifier: Verifier, store: EventStore, url: str, config:
     # pieces.
     pool = ProcessPoolExecutor(workers - 1, mp_context=context,
                                initializer=start_worker, initargs=(counter,))
+    finished = False
     try:
         frozen = _heap_frozen() if method == "fork" else contextlib.nullcontext()
         with _workers_ignore_sigint(), frozen:
@@ -194,17 +195,33 @@ def verify_in_processes(verifier: Verifier, store: EventStore, url: str, config:
         if len(reports) < len(pieces):  # the workers took the rest
             for future in others:
                 reports.extend(future.result())
+        finished = True
     except BaseException:
         _end_workers(pool)
         raise
     finally:
         _worker_processes.update((getattr(pool, "_processes", None) or {}).values())
-        # Not waiting here for the workers to exit: each has closed its engine by the time
-        # its result is in, and one that got no piece may still be importing. A thread
-        # waits instead, holding the shared counter: a worker opens it as it starts, and
-        # once this process dropped it the worker failed with FileNotFoundError.
-        closer = threading.Thread(target=_close_verify_pool, args=(pool, counter),
-                                  name="sessionledger-verify-pool")
-        closer.start()
-        closers.append(closer)
+        if finished and method == "fork":
+            # forked workers are up and done, and exit in milliseconds: waited for here, so
+            # verify() leaves no thread behind (Python 3.12+ warns on a fork() while one runs,
+            # and a lock one of them held would stay held in the child)
+            try:
+                _close_verify_pool(pool, counter)
+            except BaseException:  # interrupted meanwhile: a thread waits, as below
+                _close_in_thread(pool, counter, closers)
+                raise
+        else:
+            _close_in_thread(pool, counter, closers)
     return merge(reports)
+
+
+def _close_in_thread(pool: ProcessPoolExecutor, counter: Any,
+                     closers: list[threading.Thread]) -> None:
+    """Wait for the workers to exit in a thread appended to `closers`: spawned workers (one that
+    got no piece may still be importing), or after an interrupt. It holds the shared counter: a
+    worker opens it as it starts, and once this process dropped it the worker failed with
+    FileNotFoundError."""
+    closer = threading.Thread(target=_close_verify_pool, args=(pool, counter),
+                              name="sessionledger-verify-pool")
+    closer.start()
+    closers.append(closer)

@@ -107,6 +107,8 @@ def test_verify_workers_end_when_the_verifying_process_is_killed(tmp_path: Path)
     finally:
         parent.kill()
         parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
     deadline = time.monotonic() + 20
     while _running(worker) and time.monotonic() < deadline:
         time.sleep(0.1)

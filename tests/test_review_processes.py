@@ -136,6 +136,8 @@ def test_writes_of_a_forked_process_outlive_the_parent_closing(tmp_path: Path) -
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 @pytest.mark.timeout(120)
+# (it forks a multi-threaded process on purpose: Python 3.12+ warns about that)
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_fork_while_another_thread_holds_the_engine_lock(
         engine_factory: EngineFactory) -> None:
     """The child inherited the engine's lock held by a thread that did not come along: its

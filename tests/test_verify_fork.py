@@ -159,3 +159,23 @@ def test_close_waits_for_the_workers_of_an_interrupted_verify(
     finally:
         engine.close()
     assert not [t for t in threading.enumerate() if t.name == "sessionledger-verify-pool"]
+
+
+@linux_only
+@pytest.mark.timeout(120)
+def test_a_forked_parallel_verify_leaves_no_thread_behind(tmp_path: Path) -> None:
+    """verify() returned while a thread still waited for its forked workers to exit (and the
+    pool's own threads ran): a fork() right after it forked a multi-threaded process, which
+    Python 3.12+ warns about (DeprecationWarning) and which can leave a lock held in the
+    child. Forked workers are done when the report is in: verify() waits for them."""
+    done = run_script(tmp_path, """
+        import os, threading
+        from sessionledger import SessionEngine
+        with SessionEngine("sqlite:///app.db") as engine:
+            for i in range(50):
+                engine.create(f"s{i}")
+            assert engine.verify(workers=3).ok
+            print(threading.active_count(), len(os.listdir("/proc/self/task")))
+        """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1"]
