@@ -78,14 +78,20 @@ def start_method(just_joined: bool = False) -> str:
     if threading.active_count() > 1:
         return "spawn"
     # a thread `just_joined` (an earlier verify's closer) leaves the OS's list a moment later
-    for _ in range(_THREAD_EXIT_POLLS if just_joined else 1):
+    return "fork" if _one_os_thread(_THREAD_EXIT_POLLS if just_joined else 1) else "spawn"
+
+
+def _one_os_thread(polls: int) -> bool:
+    """True when the OS counts one thread in this process, looking up to `polls` times a
+    millisecond apart (a joined thread leaves its list a moment after join() returns)."""
+    for _ in range(polls):
         try:
             if len(os.listdir("/proc/self/task")) == 1:
-                return "fork"
+                return True
         except OSError:
-            return "spawn"
+            return False
         time.sleep(0.001)
-    return "spawn"
+    return False
 
 
 @contextlib.contextmanager
@@ -207,6 +213,8 @@ def verify_in_processes(verifier: Verifier, store: EventStore, url: str, config:
             # and a lock one of them held would stay held in the child)
             try:
                 _close_verify_pool(pool, counter)
+                if threading.active_count() == 1:  # the pool's threads gone from the OS too
+                    _one_os_thread(_THREAD_EXIT_POLLS)
             except BaseException:  # interrupted meanwhile: a thread waits, as below
                 _close_in_thread(pool, counter, closers)
                 raise
