@@ -31,7 +31,8 @@ log = logging.getLogger("sessionledger.snapshots")
 
 
 #: why a snapshot is skipped (the metrics' snapshots_skipped reasons)
-SKIP_REASONS = ("newer_format", "corrupted", "incomplete")
+NEWER_FORMAT, CORRUPTED, INCOMPLETE = "newer_format", "corrupted", "incomplete"
+SKIP_REASONS = (NEWER_FORMAT, CORRUPTED, INCOMPLETE)
 
 
 class SessionRepository:
@@ -90,10 +91,10 @@ class SessionRepository:
             if lacks_outcome(session):
                 # sound, but a format 0 snapshot of an archived session holds no outcome (the
                 # status no longer tells it): the events do
-                self.skipped["incomplete"] += 1
+                self.skipped[INCOMPLETE] += 1
                 log.info("snapshot without the outcome of an archived session, loading from "
                          "events", extra={"session_id": sid, "version": version,
-                                          "reason": "incomplete"})
+                                          "reason": INCOMPLETE})
                 return None
             # the events from the snapshot's own version on: that first one proves the snapshot
             # sits on this chain (its digest is the snapshot's head)
@@ -110,7 +111,7 @@ class SessionRepository:
         except (SnapshotVersionError, SnapshotCorrupted) as problem:
             if self.strict_snapshots:
                 raise
-            reason = "newer_format" if isinstance(problem, SnapshotVersionError) else "corrupted"
+            reason = NEWER_FORMAT if isinstance(problem, SnapshotVersionError) else CORRUPTED
             self.skipped[reason] += 1
             log.warning("snapshot skipped, loading from events: %s", problem,
                         extra={"session_id": sid, "version": version, "reason": reason})
