@@ -183,7 +183,7 @@ class SessionEngine:
         self.hooks.error_observer = metrics.observe_error
         self.hooks.release_observer = metrics.forget_hook
         metrics.hook_subscribed = self.hooks.has_hook_named
-        metrics.hook_names = lambda: [hook.name for hook in self.hooks.subscriptions]
+        metrics.hook_names = self.hooks.hook_names
         self.hooks.subscribe(LoggingHook(), name="LoggingHook")
         self.hooks.subscribe(metrics, name="MetricsHook")
         metrics.registry.register(_EngineCollector(self))

@@ -243,6 +243,11 @@ class HookRegistry:
         """True while a subscription has that hook name."""
         return name in self._name_counts
 
+    def hook_names(self) -> list[str]:
+        """The names the current subscriptions have (each once)."""
+        with self._lock:
+            return list(self._name_counts)
+
     @property
     def subscriptions(self) -> tuple[HookSubscription, ...]:
         """The current subscriptions, in delivery order."""
