@@ -109,22 +109,29 @@ def test_a_process_forked_right_after_a_parallel_verify_exits_quietly(tmp_path: 
     """The verify's workers may still be exiting when the application forks (a prefork
     server started right after a verify at start-up): the child inherited them in
     multiprocessing's list of children, and its exit handler failed on joining them ("can
-    only join a child process", printed as the child exited)."""
+    only join a child process", printed as the child exited). Spawned workers, as in a
+    process that runs other threads: forked ones are waited for before verify() returns."""
     done = run_script(tmp_path, """
-        import os, sys
+        import os, sys, warnings
+        import sessionledger.engine as engine_module
         from sessionledger import SessionEngine
-        with SessionEngine("sqlite:///app.db") as engine:
-            for i in range(50):
-                engine.create(f"s{i}")
-            assert engine.verify(workers=2).ok
-            pid = os.fork()
-            if pid == 0:
-                engine.create("made-by-child")
-                sys.exit(0)  # an interpreter's exit: its exit handlers run
-            _, status = os.waitpid(pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0
-            assert engine.find(name="made-by-child")
-        print("done")
+        if __name__ == "__main__":  # (spawned workers import this file)
+            engine_module.start_method = lambda **how: "spawn"
+            # the fork below is of a process whose verify thread still waits, on purpose
+            warnings.filterwarnings("ignore", "This process .* is multi-threaded",
+                                    DeprecationWarning)
+            with SessionEngine("sqlite:///app.db") as engine:
+                for i in range(50):
+                    engine.create(f"s{i}")
+                assert engine.verify(workers=2).ok
+                pid = os.fork()
+                if pid == 0:
+                    engine.create("made-by-child")
+                    sys.exit(0)  # an interpreter's exit: its exit handlers run
+                _, status = os.waitpid(pid, 0)
+                assert os.waitstatus_to_exitcode(status) == 0
+                assert engine.find(name="made-by-child")
+            print("done")
         """)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "done"
