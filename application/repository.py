@@ -19,7 +19,7 @@ from sessionledger.domain.errors import (
 from sessionledger.domain.session import Session
 from sessionledger.infrastructure.codec import EventCodec, SnapshotCodec, StoredEvent
 from sessionledger.infrastructure.store import EventStore, SnapshotRow, StoredSnapshot
-from sessionledger.projections.replay import replay
+from sessionledger.projections.replay import replay, replay_rows
 from sessionledger.projections.snapshots import (
     CURRENT_FORMAT,
     lacks_outcome,
@@ -69,7 +69,7 @@ class SessionRepository:
         if not stored:
             raise SessionNotFound(sid)
         session = Session(sid)
-        replay(session, self.codec.decode(sid, stored))
+        replay_rows(session, stored, *self.codec.checked_values(sid, stored))
         if upto is not None and session.version != upto:
             raise SessionNotFound(sid)
         return session, stored[-1][6]
@@ -118,7 +118,9 @@ class SessionRepository:
             return None
         head = stored[0][6]
         if len(stored) > 1:
-            replay(session, self.codec.decode(sid, stored[1:], version, head))
+            following = stored[1:]
+            replay_rows(session, following,
+                        *self.codec.checked_values(sid, following, version, head))
             head = stored[-1][6]
         if upto is not None and session.version != upto:
             raise SessionNotFound(sid)

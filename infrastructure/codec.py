@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -199,6 +200,9 @@ EventRow = tuple[str, int, str, int, str | None, str | None, bytes, bytes]
 StoredEvent = tuple[int, str, int, str | None, str | None, bytes, bytes]
 
 
+_INT_ONLY = {int}
+
+
 class EventCodec:
     """Encodes decided events into chained rows and checks and decodes stored streams."""
 
@@ -244,17 +248,27 @@ class EventCodec:
         CorruptedData (naming session and version) for a missing version, a digest that does
         not match (a changed byte, an event moved from elsewhere) or bytes that do not decode.
         """
+        schemas, values = self.checked_values(session_id, stored, after, head)
+        return [(version, event_type, micros, actor, correlation_id, schema, data)
+                for (version, event_type, micros, actor, correlation_id, _, _), schema, data
+                in zip(stored, schemas, values, strict=True)]
+
+    def checked_values(
+        self, session_id: str, stored: list[StoredEvent], after: int = 0,
+        head: bytes = GENESIS_DIGEST,
+    ) -> tuple[Sequence[int], Sequence[Any]]:
+        """What decode() gives, as two columns beside `stored`: each event's schema version and
+        data (loads replay the stored rows with them, without a tuple per event). The same
+        checks and errors as decode()."""
         self._check_chain(session_id, stored, after, head)
         # every payload is now byte for byte what a writer stored
-        values = self._unpack_together(stored)
-        if values is None:  # one at a time: a payload that does not decode is named
-            decode = self.payloads.decode
-            return [(version, event_type, micros, actor, correlation_id,
-                     *decode(payload, session_id, version))
-                    for version, event_type, micros, actor, correlation_id, payload, _ in stored]
-        return [(version, event_type, micros, actor, correlation_id, payload[1], data)
-                for (version, event_type, micros, actor, correlation_id, payload, _), data
-                in zip(stored, values, strict=True)]
+        unpacked = self._unpack_together(stored)
+        if unpacked is not None:
+            return unpacked[1::3], unpacked[2::3]
+        # one at a time: a payload that does not decode is named
+        decode = self.payloads.decode
+        pairs = [decode(row[5], session_id, row[0]) for row in stored]
+        return [schema for schema, _ in pairs], [data for _, data in pairs]
 
     def _check_chain(self, session_id: str, stored: list[StoredEvent], after: int,
                      head: bytes) -> None:
@@ -289,20 +303,33 @@ class EventCodec:
             expected += 1
 
     def _unpack_together(self, stored: list[StoredEvent]) -> list[Any] | None:
-        """The payloads' values, unpacked from their bodies joined into one buffer: one
-        unpacker run instead of a call per event (measured on a 1,000-event load: the decode
-        1,300 -> 1,060 µs). Compressed bodies are decompressed into the buffer. None when a
-        payload has no body or unknown flags, does not decompress, or the bodies do not give
-        exactly one value each: the caller then decodes them one at a time, which names the
-        payload at fault.
+        """Every payload unpacked in one msgpack call, as one flat list: flags, schema version
+        and data of the first event, then of the next, and so on. None when a payload has no
+        body or unknown flags, does not decompress, or the payloads do not give exactly three
+        values each: the caller then decodes them one at a time, which names the payload at
+        fault.
+
+        A payload's two header bytes (flags, schema) are msgpack positive fixints, so the stored
+        payloads joined as they are, behind an array header counting three values an event,
+        unpack in a single unpackb. Measured on the 1,000 payloads of a load against an Unpacker
+        over the bodies cut from their header bytes (the previous way), alternating calls on a
+        busy machine: minimum 598 -> 512 µs, median 1,045 -> 879 µs. Compressed bodies
+        (above compress_threshold) are decompressed into the run, behind their header bytes.
 
         Only for chain-checked payloads: each is one value as a writer packed it, so the joined
-        bodies split where the payloads do. (Bytes made to pass the chain, possible without an
+        payloads split where they do. (Bytes made to pass the chain, possible without an
         integrity key, could hold two values in one payload and part of one in another: verify(),
         which unpacks each payload on its own, reports such a payload.)
         """
-        bodies: list[bytes] = []
-        add = bodies.append
+        values = self._unpack_run([row[5] for row in stored], len(stored))
+        if values is not None:
+            flags = values[0::3]
+            # every flags byte the int 0 (a forged 0x80 or 0xc2 unpacks as {} or False)
+            if not any(flags) and set(map(type, flags)) == _INT_ONLY:
+                return values
+        # some payload is compressed (or damaged): its body decompressed into the run
+        parts: list[bytes] = []
+        add = parts.append
         decompress = self.payloads.compressor.decompress
         for row in stored:
             payload = row[5]
@@ -310,23 +337,26 @@ class EventCodec:
                 return None
             flags = payload[0]
             if not flags:
-                add(payload[2:])
-            elif flags == FLAG_LZ4:  # above the size threshold when written
+                add(payload)
+            elif flags == FLAG_LZ4:
+                add(payload[:2])
                 try:
                     add(decompress(payload[2:]))
                 except Exception:
                     return None
             else:
                 return None
-        joined = b"".join(bodies)
-        unpacker = msgpack.Unpacker(ext_hook=ext_hook, raw=False, strict_map_key=True,
-                                    max_buffer_size=max(len(joined), 1))
-        unpacker.feed(joined)
+        return self._unpack_run(parts, len(stored))
+
+    @staticmethod
+    def _unpack_run(payloads: list[bytes], events: int) -> list[Any] | None:
+        """The values of `payloads` joined behind a msgpack array32 header of three values an
+        event (None when they do not give exactly that many or fail to unpack)."""
         try:
-            values = list(unpacker)
+            run = b"\xdd" + (3 * events).to_bytes(4, "big") + b"".join(payloads)
+            values: list[Any] = msgpack.unpackb(run, ext_hook=ext_hook, raw=False,
+                                                strict_map_key=True)
         except Exception:
-            return None
-        if len(values) != len(stored) or unpacker.tell() != len(joined):
             return None
         return values
 
