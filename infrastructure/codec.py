@@ -323,9 +323,9 @@ class EventCodec:
         """
         values = self._unpack_run([row[5] for row in stored], len(stored))
         if values is not None:
-            flags = values[0::3]
+            every_flags = values[0::3]
             # every flags byte the int 0 (a forged 0x80 or 0xc2 unpacks as {} or False)
-            if not any(flags) and set(map(type, flags)) == _INT_ONLY:
+            if not any(every_flags) and set(map(type, every_flags)) == _INT_ONLY:
                 return values
         # some payload is compressed (or damaged): its body decompressed into the run
         parts: list[bytes] = []
