@@ -377,7 +377,7 @@ def _add_window(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", metavar="TIME", default=None,
                         help="only events at or after TIME: " + TIME_HELP)
     parser.add_argument("--until", metavar="TIME", default=None,
-                        help="only events before TIME")
+                        help="only events before TIME (an event at exactly TIME is left out)")
 
 
 def add_audit_verbs(verbs: argparse._SubParsersAction[Parser], common: Parser) -> None:

@@ -511,9 +511,9 @@ class SessionEngine:
         until: datetime | date | str | None = None,
         types: list[str] | str | None = None,
     ) -> Iterator[SessionEvent]:
-        """Events of every session in global commit order, streamed (constant memory); each
-        carries its position. Payloads are decoded but chains are not checked here: verify()
-        does that."""
+        """Events of every session in global commit order, streamed (constant memory),
+        optionally only those with since <= time < until, of `types`; each carries its
+        position. Payloads are decoded but chains are not checked here: verify() does that."""
         return self.audit.timeline(since, until, types)
 
     def list_sessions(self, limit: int = 100) -> list[Session]:

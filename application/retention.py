@@ -24,8 +24,9 @@ class RetentionPolicy:
         ranked by when each ended, so an archived session ranks by its end, not its archive).
     At least one of the two must be given; with both, a session must be older than max_age and
     not among the keep_last that ended last.
-    archive: the default action, whatever its value: append SessionArchived to each
-        (archive=True says so explicitly and refuses purge=True beside it).
+    archive: append SessionArchived to each, the default action (archive=True says so
+        explicitly and refuses purge=True beside it; archive=False, which would leave nothing
+        to do, needs purge=True).
     purge=True: delete each session's events, snapshots and idempotency keys for good, leaving a
         tombstone (id, name, final status, time of purge); archived sessions are purged too.
     dry_run=True: list what would be done and touch nothing.
@@ -33,7 +34,7 @@ class RetentionPolicy:
 
     max_age: timedelta | float | int | None = None
     keep_last: int | None = None
-    archive: bool = False
+    archive: bool | None = None
     purge: bool = False
     dry_run: bool = False
 
@@ -53,10 +54,15 @@ class RetentionPolicy:
                 raise InvalidArgument("max_age must not be negative")
         if self.keep_last is not None and (type(self.keep_last) is not int or self.keep_last < 0):
             raise InvalidArgument(f"keep_last must be an int >= 0, got {self.keep_last!r}")
-        for name in ("archive", "purge", "dry_run"):
+        for name in ("purge", "dry_run"):
             checked_flag(getattr(self, name), name)
-        if self.archive and self.purge:
-            raise InvalidArgument("a RetentionPolicy either archives or purges, not both")
+        if self.archive is not None:
+            checked_flag(self.archive, "archive")
+            if self.archive and self.purge:
+                raise InvalidArgument("a RetentionPolicy either archives or purges, not both")
+            if not self.archive and not self.purge:
+                raise InvalidArgument("a RetentionPolicy with archive=False needs purge=True: "
+                                      "it either archives or purges")
 
     @property
     def action(self) -> str:

@@ -50,3 +50,19 @@ def test_cleanup_help_says_what_max_age_measures(capsys: pytest.CaptureFixture[s
         main(["cleanup", "--help"])
     assert done.value.code == 0
     assert "last event older than this" in " ".join(capsys.readouterr().out.split())
+
+
+def test_an_event_time_pasted_into_until_ends_the_window_before_that_event(
+        engine_factory: EngineFactory, cli: Cli) -> None:
+    """The README says so (review round 16): `at` includes the event at that time, `since`
+    starts with it, `until` stops just before it, so consecutive windows share no event."""
+    engine = engine_factory()
+    sid = engine.create("s", state={"a": 1})
+    engine.update(sid, {"a": 2})
+    engine.update(sid, {"a": 3})
+    t2 = engine.history(sid)[1].timestamp
+    assert engine.state_at(sid, at=t2).version == 2
+    assert [e.version for e in engine.history(sid, until=t2)] == [1]
+    assert [e.version for e in engine.history(sid, since=t2)] == [2, 3]
+    assert [e.version for e in engine.timeline(until=t2)] == [1]
+    assert [e["version"] for e in cli.json("history", sid, "--until", t2.isoformat())] == [1]

@@ -604,6 +604,10 @@ store("rebuild-progress-not-callable", "rebuild('catalog', progress=5): refused 
       {"int": (lambda w: w.engine.rebuild("catalog", progress=5), None)})  # type: ignore[arg-type]
 store("retention-max-age-nan", "RetentionPolicy(max_age=nan)", InvalidArgument,
       {"nan": (lambda w: w.engine.cleanup(RetentionPolicy(max_age=float("nan"))), None)})
+store("retention-no-action", "RetentionPolicy(archive=False) without purge=True (it would do "
+      "nothing)", InvalidArgument,
+      {"archive-false": (lambda w: w.engine.cleanup(RetentionPolicy(max_age=0, archive=False)),
+                         None)})
 store("delete-keys", "update(delete=) given a str or a list holding an int", InvalidArgument,
       {"str": (lambda w: w.engine.update(w.active, {"x": 1}, delete="a"), None),
        "int-key": (lambda w: w.engine.update(w.active, delete=[1]), None)})
