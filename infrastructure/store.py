@@ -246,7 +246,7 @@ def _after_fork_in_child() -> None:
 class _ConnectOnUse:
     """The store's connection until its next use, which connects anew: in a forked process
     (connecting in the fork handler would cost every child a connection, used or not), and
-    after an interrupt left the old one busy (_abandon_if_busy)."""
+    after an error or an interrupt left the old one closed or busy (_drop_if_unusable)."""
 
     def __init__(self, store: EventStore) -> None:
         self._store = store
@@ -375,15 +375,6 @@ class EventStore:
         else:
             # reads run in autocommit (one round trip, no idle-in-transaction); writes BEGIN
             self._db.autocommit = True
-
-    def _reconnect_if_broken(self) -> None:
-        # A PostgreSQL server restart or a dropped TCP connection leaves psycopg's connection
-        # closed; take a fresh one so the next call works again.
-        if self.dialect == "postgresql" and self._db.closed:
-            with contextlib.suppress(Exception):
-                self._fairy.invalidate()
-            with self.storage_errors("reconnect to"):
-                self._connect()
 
     def _create_schema(self) -> None:
         # Fast path: a database at this schema version has every table already.
@@ -557,10 +548,8 @@ class EventStore:
                 raise
             except BaseException as error:
                 self._rollback_quietly()
-                if not isinstance(error, Exception):  # an interrupt
-                    self._abandon_if_busy()
+                self._drop_if_unusable()
                 if isinstance(error, self._dbapi_error):
-                    self._reconnect_if_broken()
                     raise StorageError(
                         f"write to {safe_url(self.url)} failed: {one_line(error)}"
                     ) from None
@@ -619,31 +608,35 @@ class EventStore:
         except self._integrity_error:
             raise VersionConflict from None
         except self._dbapi_error as error:
-            self._reconnect_if_broken()
+            self._drop_if_unusable()
             raise StorageError(
                 f"write to {safe_url(self.url)} failed: {one_line(error)}"
             ) from None
         except BaseException:  # an interrupt
-            self._abandon_if_busy()
+            self._drop_if_unusable()
             raise
         if inserted is None:
             raise SessionGone
         return int(inserted[0])
 
-    def _abandon_if_busy(self) -> None:
-        """After an interrupt (Ctrl-C) in the middle of a statement on PostgreSQL: a connection
-        whose result was never read stays busy for good (every later call failed with "another
-        command is already in progress"); it is dropped, and the next use connects anew."""
+    def _drop_if_unusable(self) -> bool:
+        """After an error or an interrupt on the PostgreSQL connection of the hot path: when it
+        is closed (a server restart, a dropped TCP connection) or busy (a result never read:
+        an interrupt mid-statement, or a connection the server terminated mid-result), every
+        later call on it would fail ("another command is already in progress", for good). It
+        is dropped, and the next use connects anew. True when it was dropped."""
         if self.dialect != "postgresql" or isinstance(self._db, _ConnectOnUse):
-            return
+            return False
         try:
-            busy = self._db.info.transaction_status.name in ("ACTIVE", "UNKNOWN")
+            unusable = bool(self._db.closed) or (
+                self._db.info.transaction_status.name in ("ACTIVE", "UNKNOWN"))
         except Exception:
-            busy = True
-        if busy:
+            unusable = True
+        if unusable:
             with contextlib.suppress(Exception):
                 self._fairy.invalidate()
             self._fairy = self._db = _ConnectOnUse(self)
+        return unusable
 
     def _insert_one(self, db: Any, row: EventRow) -> int:
         """Insert one event; SessionGone when its session was purged (on SQLite the purge
@@ -893,10 +886,9 @@ class EventStore:
                 except BaseException as error:
                     if not isinstance(error, self._dbapi_error):
                         if not isinstance(error, Exception):  # an interrupt
-                            self._abandon_if_busy()
+                            self._drop_if_unusable()
                         raise
-                    lost = self.dialect == "postgresql" and self._db.closed
-                    self._reconnect_if_broken()
+                    lost = self._drop_if_unusable()
                     if not (lost and attempt == 1):
                         raise StorageError(
                             f"read from {safe_url(self.url)} failed: {one_line(error)}"

@@ -381,6 +381,28 @@ def test_an_interrupt_mid_statement_leaves_postgresql_usable(
         assert engine.update(sid, {"k": 1}) == 2
 
 
+@pytest.mark.postgresql
+@pytest.mark.parametrize("first", ["command", "read"])
+def test_a_connection_left_busy_by_a_driver_error_is_replaced(
+        pg_backend: Backend, first: str) -> None:
+    """Review round 16 (faults): a connection the server terminated mid-result can leave
+    psycopg's connection open but busy; the engine replaced its connection only when it was
+    closed, so every later command and read failed ("another command is already in
+    progress", growing by a copy each time) until the process restarted. Now the call that
+    meets it fails once (a read is retried at once on a new connection) and the next works."""
+    with SessionEngine(pg_backend.url) as engine:
+        sid = engine.create("s")
+        engine._store._db.pgconn.send_query(b"SELECT 1")  # the state the terminated run left
+        if first == "command":
+            with pytest.raises(StorageError, match="another command is already in progress"):
+                engine.update(sid, {"k": 1})
+            assert engine.update(sid, {"k": 2}) == 2
+        else:
+            assert engine.get(sid, refresh=True).version == 1
+        assert engine.update(sid, {"k": 3}) == (3 if first == "command" else 2)
+        assert engine.get(sid, refresh=True).state["k"] == 3
+
+
 def test_an_interrupt_in_a_catalog_fold_leaves_sqlite_writable(tmp_path: Path) -> None:
     """A Ctrl-C that landed in a fold's statement (SQLAlchemy then invalidates the connection)
     left sqlite3's connection open as long as the interrupted cursor lived in the traceback's
