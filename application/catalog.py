@@ -20,7 +20,12 @@ from operator import itemgetter
 
 from sqlalchemy.engine import Connection
 
-from sessionledger.domain.errors import CorruptedData, InvalidArgument, SessionLedgerError
+from sessionledger.domain.errors import (
+    CorruptedData,
+    InvalidArgument,
+    SessionLedgerError,
+    StorageError,
+)
 from sessionledger.domain.events import (
     EVENT_SCHEMAS,
     MAX_MICROS,
@@ -290,7 +295,13 @@ class Catalog:
         before = time_filter_micros(updated_before, "updated_before")
         keyset = _decode_cursor(cursor)
         if catch_up:
-            self.catch_up()
+            try:
+                self.catch_up()
+            except StorageError as error:
+                # a read-only file or a full disk: say why a query needs to write
+                raise StorageError(
+                    f"find() folds the events not yet in the catalog first, which writes to the "
+                    f"database, and could not: {error}") from None
         rows = self.tables.find(statuses, tag_list, name, parent, after, before, limit + 1,
                                 keyset)
         more = len(rows) > limit

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from _helpers import Cli
 from conftest import EngineFactory
 
+from sessionledger import SessionEngine, StorageError
 from sessionledger.cli import main
 
 
@@ -66,3 +68,19 @@ def test_an_event_time_pasted_into_until_ends_the_window_before_that_event(
     assert [e.version for e in engine.history(sid, since=t2)] == [2, 3]
     assert [e.version for e in engine.timeline(until=t2)] == [1]
     assert [e["version"] for e in cli.json("history", sid, "--until", t2.isoformat())] == [1]
+
+
+def test_find_on_a_read_only_database_says_why_it_needs_to_write(tmp_path: Path) -> None:
+    """Review round 16 (faults): find() and `ls` on a read-only database with events not yet in
+    the catalog failed with "cannot run subscriber 'catalog' ...: attempt to write a readonly
+    database", which did not say that a query writes."""
+    path = tmp_path / "ro.db"
+    with SessionEngine(f"sqlite:///{path}") as writer:
+        sid = writer.create("a")
+        writer.find()
+        writer.update(sid, {"x": 1})  # not yet folded into the catalog
+    with SessionEngine(f"sqlite:///file:{path}?mode=ro&uri=true") as reader:
+        assert reader.get(sid).version == 2
+        with pytest.raises(StorageError, match=r"find\(\) folds the events not yet in the "
+                                               r"catalog first.*readonly"):
+            reader.find()
