@@ -142,7 +142,9 @@ class AuditQueries:
         session, head = self._repository.load(sid, target)
         # The search read raw times and found the event after `target` later than `at`: that
         # event is checked on the chain too (the load checked 1..target), so a changed time
-        # is CorruptedData, never a wrong version. Genuine times never go back in a session.
+        # is CorruptedData, never a wrong version (unless whoever changed it also rewrote the
+        # chain, which only a database without an integrity_key allows). Genuine times never
+        # go back in a session.
         following = self._store.stream(sid, target, target + 1)
         if following:
             self._codec.decode(sid, following, target, head)
