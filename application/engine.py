@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import threading
 import weakref
@@ -924,8 +925,12 @@ class SessionEngine:
 
 def _engines_after_fork_in_child() -> None:
     for engine in list(_open_engines):
-        with contextlib.suppress(Exception):
+        try:
             engine._after_fork_in_child()
+        except Exception as error:  # logged: an at-fork handler has nobody to raise to
+            logging.getLogger("sessionledger").warning(
+                "after a fork, the engine on %s could not reset its locks and state (it must "
+                "not be used here): %r", engine.url, error)
 
 
 os.register_at_fork(after_in_child=_engines_after_fork_in_child)

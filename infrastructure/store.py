@@ -239,8 +239,12 @@ _inherited: list[Any] = []
 
 def _after_fork_in_child() -> None:
     for store in list(_open_stores):
-        with contextlib.suppress(Exception):
+        try:
             store.after_fork_in_child()
+        except Exception as error:  # logged: an at-fork handler has nobody to raise to
+            logging.getLogger("sessionledger").warning(
+                "after a fork, the store of %s could not make this process's own connections "
+                "(it must not be used here): %s", safe_url(store.url), one_line(error))
 
 
 class _ConnectOnUse:

@@ -505,3 +505,24 @@ def test_close_from_a_durable_handler_under_run_until_idle(
     later = engine_factory()
     status = {s.name: s for s in later.subscribers()}["shutdown-watcher"]
     assert status.position > 0 and status.lag == 1  # "after" is still to come
+
+
+def test_a_fork_handler_that_fails_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The at-fork handlers swallowed any error: a child could go on with its parent's
+    connection without a word. They now log a warning naming the database."""
+    from sessionledger import engine as engine_module
+    from sessionledger.infrastructure import store as store_module
+
+    with SessionEngine(f"sqlite:///{tmp_path / 'a.db'}") as engine:
+        def broken() -> None:
+            raise RuntimeError("no")
+
+        monkeypatch.setattr(engine._store, "after_fork_in_child", broken)
+        monkeypatch.setattr(engine, "_after_fork_in_child", broken)
+        with caplog.at_level("WARNING", logger="sessionledger"):
+            store_module._after_fork_in_child()
+            engine_module._engines_after_fork_in_child()
+        warnings = [r.getMessage() for r in caplog.records if r.name == "sessionledger"]
+        assert len(warnings) == 2, warnings
+        assert all("a.db" in w and "after a fork" in w for w in warnings)
