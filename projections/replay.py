@@ -39,6 +39,9 @@ def current_data(
         raise CorruptedData(session_id, version, f"{event_type} data is not a map")
     fields: dict[str, Any] = data
     if schema != current:
+        if type(schema) is not int:  # (the codec gives the stored byte; a caller may not)
+            raise CorruptedData(session_id, version, f"{event_type} schema {schema!r} is not a "
+                                                     "number")
         if schema > current:
             raise CorruptedData(
                 session_id, version,

@@ -9,7 +9,7 @@ import sqlite3
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sessionledger import SessionConfig, SessionEngine
@@ -142,3 +142,52 @@ def test_replay_of_an_empty_run_changes_nothing() -> None:
     replay(session, [])
     replay_rows(session, [], [], [])
     assert (session.version, session.updated_us) == (0, 0)
+
+
+def per_payload(codec: EventCodec, sid: str, stored: list[Any]) -> Any:
+    """What decoding each payload on its own gives: (schemas, data), or the error's version."""
+    from sessionledger import CorruptedData
+
+    try:
+        codec._check_chain(sid, stored, 0, b"\0" * 32)
+        pairs = [codec.payloads.decode(row[5], sid, row[0]) for row in stored]
+    except CorruptedData as error:
+        return ("CorruptedData", error.version)
+    return [schema for schema, _ in pairs], [data for _, data in pairs]
+
+
+@settings(max_examples=400, deadline=None)
+@example(header=b"\x00\x02", at=1, threshold=1024)  # as written: loads
+@example(header=b"\x00\xc3", at=2, threshold=1024)  # schema byte 195 unpacked as True
+@example(header=b"\x00\xcc\x02", at=2, threshold=1024)
+@example(header=b"\xcc\x00\x02", at=2, threshold=1024)
+@example(header=b"\x00\x80", at=2, threshold=1024)
+@given(header=st.binary(max_size=3), at=st.integers(0, 5),
+       threshold=st.sampled_from([16, 1024]))
+def test_a_forged_header_is_judged_as_decoding_each_payload_alone_judges_it(
+        header: bytes, at: int, threshold: int) -> None:
+    """Review round 16 (fast path): a payload whose two header bytes were replaced, re-chained
+    as a writer without an integrity key could, loaded: 00 c3 unpacked as True (schema 1),
+    00 cc 02 as 2 and cc 00 as flags 0 in the one-call run, so loads accepted what decoding
+    each payload alone refuses (and 00 80 gave blame() and diff() a raw TypeError)."""
+    from sessionledger import CorruptedData
+    from sessionledger.infrastructure.codec import chain_digest
+
+    codec = EventCodec(compress_threshold=threshold)
+    data = [{"set": {"k": "v" * (3 + 20 * (i % 2))}, "delete": []} for i in range(6)]
+    rows = codec.encode("s", 0, b"\0" * 32, [("StateChanged", 2, d) for d in data], 1, None,
+                        None)
+    stored = [list(row[1:]) for row in rows]
+    stored[at][5] = header + stored[at][5][2:]
+    head = b"\0" * 32
+    for row in stored:
+        head = chain_digest(head, "s", row[0], row[1], row[2], row[3], row[4], row[5])
+        row[6] = head
+    forged = [tuple(row) for row in stored]
+    expected = per_payload(codec, "s", forged)
+    try:
+        schemas, values = codec.checked_values("s", forged)  # type: ignore[arg-type]
+        got: Any = (list(schemas), list(values))
+    except CorruptedData as error:
+        got = ("CorruptedData", error.version)
+    assert got == expected
