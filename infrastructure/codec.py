@@ -329,9 +329,9 @@ class EventCodec:
         payloads = [row[5] for row in stored]
         try:
             schemas = list(map(_SECOND_BYTE, payloads))
-            plain = (min(map(len, payloads), default=3) >= 3
-                     and max(schemas, default=0) < 0x80
-                     and not any(map(_FIRST_BYTE, payloads)))
+            # (a payload of two bytes, no body, is left to the run: the values after it then
+            # shift by one, and the schemas no longer match)
+            plain = max(schemas, default=0) < 0x80 and not any(map(_FIRST_BYTE, payloads))
         except (IndexError, TypeError):  # a payload of fewer than two bytes
             return None
         if plain:
