@@ -82,8 +82,9 @@ def replay_rows(
             if (event_type == STATE_CHANGED and schema == STATE_CHANGED_SCHEMA
                     and type(data) is dict and version != 1):
                 # nearly every event of a long stream, folded here as the aggregate's
-                # _state_changed does: its call through Session.apply cost a sixth of a
-                # 1,000-event load (version and time are set once, after the loop)
+                # _state_changed does (a call through Session.apply an event: the replay of
+                # 1,000 events 420 µs against 272 here; version and time are set once, after
+                # the loop)
                 state.update(data["set"])
                 for key in data["delete"]:
                     state.pop(key, None)
