@@ -61,6 +61,7 @@ from .subscribers import (
     MAX_BATCH,
     Consumer,
     HandlerSubscriber,
+    SubscriberFailed,
     SubscriberRunner,
     SubscriberStatus,
     SubscriberThread,
@@ -224,24 +225,39 @@ class SessionEngine:
         if closed_by is not None and own is None and closed_by not in runners:
             runners.append(closed_by)
         try:
-            # outside the engine's lock: a runner takes it to list its subscribers
-            for runner in runners:
-                if runner.running:  # (one its owner stopped may still end its batch: wait too)
-                    runner.stop()
-            # the worker processes of parallel verifies exit now: wait here, where a Ctrl-C
-            # is the caller's to handle, not in the interpreter's exit ("Exception ignored")
-            for closer in self._verify_closers:
-                closer.join()
-            self._verify_closers.clear()
+            if own is None:
+                self._stop_runners(runners)
         finally:  # (interrupted while it waited: closed all the same)
             if own is not None:
-                own.after_stop = self._close_store
+                # the other runners may wait for this batch (its tracking row, the command
+                # lock): asked to stop now, waited for once it has committed (waiting here
+                # stalled this handler for their 10 s timeout)
+                for runner in runners:
+                    runner.request_stop()
+                own.after_stop = lambda: self._stop_runners_and_close(runners)
             elif getattr(self._delivering, "depth", 0):
                 # a durable handler under run_subscribers(until_idle=True) on this thread: as
                 # for a runner's, the store closes once that batch has committed
                 self._close_when_delivered = True
             else:
                 self._close_store()
+
+    def _stop_runners(self, runners: list[SubscriberThread]) -> None:
+        # outside the engine's lock: a runner takes it to list its subscribers
+        for runner in runners:
+            if runner.running:  # (one its owner stopped may still end its batch: wait too)
+                runner.stop()
+        # the worker processes of parallel verifies exit now: wait here, where a Ctrl-C is the
+        # caller's to handle, not in the interpreter's exit ("Exception ignored")
+        for closer in self._verify_closers:
+            closer.join()
+        self._verify_closers.clear()
+
+    def _stop_runners_and_close(self, runners: list[SubscriberThread]) -> None:
+        try:
+            self._stop_runners(runners)
+        finally:
+            self._close_store()
 
     def _close_store(self) -> None:
         with self._lock:
@@ -601,7 +617,8 @@ class SessionEngine:
         """Deliver pending events to the durable subscribers (and the catalog).
 
         until_idle=True: deliver everything pending and return {name: events delivered}; a
-        failing handler raises SubscriberFailed. Otherwise start a background thread that keeps
+        failing handler raises SubscriberFailed (the first failure, once every other subscriber
+        has caught up). Otherwise start a background thread that keeps
         delivering (woken by LISTEN/NOTIFY on PostgreSQL, a 50 ms poll on SQLite) and return
         its handle: ``handle.stop()``. `batch_size`: events read per batch, 1..1,000,000.
         """
@@ -615,11 +632,19 @@ class SessionEngine:
             delivering.depth = getattr(delivering, "depth", 0) + 1
             try:
                 delivered = {}
+                failed: SubscriberFailed | None = None
                 for consumer in self._consumers():
                     if self._close_when_delivered:
                         break
-                    delivered[consumer.name] = runner.catch_up(
-                        consumer, stop=lambda: self._close_when_delivered)
+                    try:
+                        delivered[consumer.name] = runner.catch_up(
+                            consumer, stop=lambda: self._close_when_delivered)
+                    except SubscriberFailed as failure:
+                        # the others still catch up, as on a background runner (stopping here
+                        # left every subscriber after a broken one without its events)
+                        failed = failed or failure
+                if failed is not None:
+                    raise failed
                 return delivered
             finally:
                 delivering.depth -= 1

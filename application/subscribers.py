@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection
 
-from sessionledger.domain.errors import SessionLedgerError
+from sessionledger.domain.errors import SessionLedgerError, StorageError
 from sessionledger.domain.events import SessionEvent, checked_event_types, event_time
 from sessionledger.domain.values import checked_text
 from sessionledger.infrastructure.codec import PayloadCodec, blob
@@ -140,6 +140,11 @@ def checked_subscription(
     return text, None if wanted is None else tuple(sorted(wanted))
 
 
+#: the at-least-once subscribers whose batch a thread is delivering (a handler may call the
+#: engine, run_subscribers() included)
+_delivering = threading.local()
+
+
 class SubscriberRunner:
     """Delivers pending events to consumers, in batches, tracking each consumer's position."""
 
@@ -170,11 +175,19 @@ class SubscriberRunner:
                 done = rows[-1][0] if len(rows) == self.batch_size else head
                 subs.advance(conn, name, done)
                 return len(rows) if rows else 0
+        delivering: set[str] = _delivering.__dict__.setdefault("names", set())
+        if name in delivering:
+            # its handler running it again: that would deliver the batch under way again, and
+            # again (its position moves only after the batch), until the recursion limit
+            raise StorageError(
+                f"cannot run subscriber {name!r} here: its own handler is delivering a batch "
+                "on this thread, which it would deliver again")
         position = subs.position(name)
         head = subs.head()
         if head <= position:
             return 0
         rows = subs.read(position, head, self.batch_size, consumer.types)
+        delivering.add(name)
         try:
             consumer.handle(rows, None)
         except _PartialBatch as partial:
@@ -183,6 +196,8 @@ class SubscriberRunner:
             raise SubscriberFailed(
                 name, rows[partial.handled][0], partial.error
             ) from partial.error
+        finally:
+            delivering.discard(name)
         done = rows[-1][0] if len(rows) == self.batch_size else head
         subs.advance_now(name, done)
         return len(rows)
@@ -268,7 +283,10 @@ class SubscriberThread:
                         continue
                     try:
                         busy = self._runner.step(consumer) > 0 or busy
-                    except Exception as error:  # keep the others running; retry this later
+                    except BaseException as error:  # keep the others running; retry this later
+                        # (a SystemExit, GeneratorExit or asyncio's CancelledError out of a
+                        # handler, too: they ended this thread silently, and every subscriber
+                        # with it; signals, Ctrl-C included, only reach the main thread)
                         delays[name] = min(delays.get(name, _FIRST_RETRY / 2) * 2, _LAST_RETRY)
                         retry_at[name] = time.monotonic() + delays[name]
                         self._log_failure(name, error, delays[name])
@@ -287,7 +305,7 @@ class SubscriberThread:
             if self.after_stop is not None:
                 self.after_stop()
 
-    def _log_failure(self, name: str, error: Exception, delay: float) -> None:
+    def _log_failure(self, name: str, error: BaseException, delay: float) -> None:
         """One ERROR with the traceback for a new failure; a line without it while the same
         failure repeats (a stuck subscriber logged a traceback every second, for good)."""
         previous = self.errors.get(name)
@@ -311,12 +329,16 @@ class SubscriberThread:
         """True until stop() (or a fatal error) ended the thread."""
         return self._thread.is_alive()
 
+    def request_stop(self) -> None:
+        """Ask the runner to stop after its current batch, without waiting for it."""
+        self._stopping.set()
+
     def stop(self, timeout: float | None = 10.0) -> bool:
         """Ask the runner to stop after its current batch, and wait for it (at most `timeout`
         seconds; None: for as long as it takes). True when it has stopped; False when its
         batch still runs (a handler that blocks): that batch may still commit, and the runner
         stops after it. A warning is logged then."""
-        self._stopping.set()
+        self.request_stop()
         if self.on_its_thread:
             return False  # asked by its own handler: it stops once this batch has committed
         self._thread.join(timeout)

@@ -156,14 +156,19 @@ class MetricsHook:
         self._set_status(event.session_id, _ACTIVE)
 
     def _on_active_only(self, event: SessionEvent) -> None:
-        if event.session_id not in self._status_of:
+        # only an ACTIVE session takes these: ACTIVE whatever this hook saw before (another
+        # engine may have resumed it)
+        if self._status_of.get(event.session_id) != _ACTIVE:
             self._set_status(event.session_id, _ACTIVE)
 
     def _on_restored(self, event: SessionEvent) -> None:
-        # a restore needs ACTIVE; a recovery after a restart (restore_recent) says the status
-        if event.session_id not in self._status_of:
-            status = event.data.get("status", _ACTIVE)
-            self._set_status(event.session_id, status if status in _STATUSES else _ACTIVE)
+        # a restore needs ACTIVE; a recovery after a restart (restore_recent) says the status,
+        # which another engine may have changed since this hook last saw the session
+        status = event.data.get("status", _ACTIVE)
+        if status not in _STATUSES:
+            status = _ACTIVE
+        if self._status_of.get(event.session_id) != status:
+            self._set_status(event.session_id, status)
 
     def _on_ended(self, event: SessionEvent) -> None:
         status = _OUTCOME_STATUS.get(event.data.get("outcome", ""))
