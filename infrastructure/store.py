@@ -184,7 +184,9 @@ def secure_delete(conn: Connection, mode: str) -> Iterator[None]:
     try:
         yield
     finally:
-        conn.exec_driver_sql(f"PRAGMA secure_delete={int(previous)}")
+        if not conn.invalidated:  # (an interrupt invalidates it: the interrupt, not a
+            # "Can't reconnect until invalid transaction is rolled back", reaches the caller)
+            conn.exec_driver_sql(f"PRAGMA secure_delete={int(previous)}")
 
 
 def columns(rows: Sequence[Sequence[Any]]) -> tuple[list[Any], ...]:
@@ -736,7 +738,8 @@ class EventStore:
             try:
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             finally:
-                conn.exec_driver_sql(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+                if not conn.invalidated:  # (as in secure_delete)
+                    conn.exec_driver_sql(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
 
     def tombstone(self, session_id: str) -> tuple[str, str, int] | None:
         """(name, final status, purged_ts) of a purged session, if it was purged."""
@@ -791,7 +794,32 @@ class EventStore:
             # a closed in-memory engine would otherwise connect to a new, empty database
             self.check_open()
             with self.engine.connect() as conn:
-                yield conn
+                try:
+                    yield conn
+                except BaseException:
+                    self._invalidate_if_in_transaction(conn)
+                    raise
+
+    def _invalidate_if_in_transaction(self, conn: Connection) -> None:
+        """After an error or an interrupt in a connection() block: a driver connection still
+        in a transaction is not put back in the pool. SQLAlchemy marks a transaction done even
+        when its COMMIT raised (an interrupt in it, a failed commit), then skips the rollback
+        and the pool's reset: the connection went back holding BEGIN IMMEDIATE (SQLite: every
+        writer of every process "database is locked") or idle in transaction with its row and
+        advisory locks (PostgreSQL)."""
+        if conn.invalidated or self.single_connection:
+            return
+        raw = getattr(conn.connection, "dbapi_connection", None)
+        try:
+            if self.dialect == "sqlite":
+                open_transaction = bool(raw.in_transaction)  # type: ignore[union-attr]
+            else:
+                open_transaction = raw.info.transaction_status.name != "IDLE"  # type: ignore[union-attr]
+        except Exception:
+            open_transaction = True
+        if open_transaction:
+            with contextlib.suppress(Exception):
+                conn.invalidate()
 
     def _one_user(self) -> contextlib.AbstractContextManager[Any]:
         return self._lock if self.single_connection else contextlib.nullcontext()

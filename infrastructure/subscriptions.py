@@ -154,8 +154,8 @@ class SubscriptionStore:
                             "deleted each time this waited for it (rebuilds racing); try again")
                     if hold_off_purges:
                         self.store.hold_off_purges(conn)
-                held.add(name)
                 try:
+                    held.add(name)  # (inside: an interrupt right after it left the mark)
                     with self.store.holding_write_lock():
                         yield conn, tracked(name, row[0]) if row else 0
                 except BaseException:

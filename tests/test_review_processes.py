@@ -526,3 +526,105 @@ def test_a_fork_handler_that_fails_says_so(tmp_path: Path, caplog: pytest.LogCap
         warnings = [r.getMessage() for r in caplog.records if r.name == "sessionledger"]
         assert len(warnings) == 2, warnings
         assert all("a.db" in w and "after a fork" in w for w in warnings)
+
+
+def _interrupt_when(condition: Any) -> Any:
+    """A trace function raising KeyboardInterrupt (as a SIGINT would) at the first call for
+    which condition(frame) holds."""
+    fired: list[int] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call" and not fired and condition(frame):
+            fired.append(1)
+            raise KeyboardInterrupt
+        return None
+
+    tracer.fired = fired  # type: ignore[attr-defined]
+    return tracer
+
+
+def _called_from(frame: Any, name: str) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_an_interrupt_in_a_subscriber_commit_leaves_the_database_writable(
+        engine_factory: EngineFactory) -> None:
+    """Review round 16 (error paths): SQLAlchemy marks a transaction done even when its COMMIT
+    raised, so a Ctrl-C in the commit of a catalog fold sent the connection back to the pool
+    still in its transaction: on SQLite holding BEGIN IMMEDIATE (every writer of every process
+    got "database is locked"), on PostgreSQL idle in transaction with its locks."""
+    import sys
+
+    engine = engine_factory()
+    sid = engine.create("s")
+    tracer = _interrupt_when(lambda f: f.f_code.co_name == "_commit_impl"
+                             and _called_from(f.f_back, "transaction"))
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine.find()
+    finally:
+        sys.settrace(None)
+    assert tracer.fired
+    other = engine_factory()
+    assert other.update(sid, {"a": 1}) == 2  # not locked out
+    assert engine.update(sid, {"a": 2}) == 3
+    assert [e.id for e in engine.find().items] == [sid]
+
+
+def test_an_interrupt_right_after_the_held_mark_is_not_left_behind(
+        engine_factory: EngineFactory) -> None:
+    """Review round 16 (error paths): an interrupt between marking a subscriber's tracking row
+    as held by this thread and the try that unmarks it left the mark for good: every later
+    find(), cleanup() and run_subscribers() on that thread was refused ("this thread holds
+    its tracking row")."""
+    engine = engine_factory()
+    engine.create("s")
+
+    class InterruptAfterAdd(set[str]):
+        armed = True
+
+        def add(self, item: str) -> None:
+            super().add(item)
+            if InterruptAfterAdd.armed:
+                InterruptAfterAdd.armed = False
+                raise KeyboardInterrupt
+
+    engine._subscriptions._rows_held.names = InterruptAfterAdd()
+    with pytest.raises(KeyboardInterrupt):
+        engine.find()
+    assert len(engine.find().items) == 1
+
+
+@pytest.mark.parametrize("statement", ["DELETE FROM sl_events", "PRAGMA wal_checkpoint"])
+def test_an_interrupt_in_a_sqlite_purge_stays_an_interrupt(
+        tmp_path: Path, statement: str) -> None:
+    """Review round 16 (error paths): the PRAGMA that puts secure_delete (or the busy
+    timeout) back ran on the connection the interrupt had invalidated, and its error replaced
+    the interrupt: a caller saw StorageError "Can't reconnect until invalid transaction is
+    rolled back", and a handler of StorageError swallowed the Ctrl-C."""
+    import sys
+
+    from sessionledger import RetentionPolicy
+
+    engine = SessionEngine(f"sqlite:///{tmp_path / 'a.db'}")
+    try:
+        sid = engine.create("s")
+        engine.end(sid, outcome="completed")
+        tracer = _interrupt_when(
+            lambda f: f.f_code.co_name == "_setup_result_proxy"
+            and str(f.f_locals["self"].statement).startswith(statement))
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                engine.cleanup(RetentionPolicy(max_age=0, purge=True))
+        finally:
+            sys.settrace(None)
+        assert tracer.fired
+        engine.create("t")  # still writable
+    finally:
+        engine.close()
