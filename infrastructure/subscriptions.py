@@ -256,6 +256,10 @@ class SubscriptionStore:
         return int(value or 0)
 
 
+#: seconds between attempts to LISTEN again after the listening connection was lost
+_LISTEN_RETRY = 1.0
+
+
 class Waker:
     """Waits until new events may be there: LISTEN/NOTIFY on PostgreSQL, a short poll on
     SQLite (whose writers cannot signal other processes)."""
@@ -264,6 +268,7 @@ class Waker:
         self.store = store
         self.poll_interval = poll_interval
         self._fairy: Any = None
+        self._listen_again_at = 0.0  # (PostgreSQL, while LISTEN is lost: when to try again)
         if store.dialect == "postgresql":
             self._listen()
 
@@ -285,6 +290,14 @@ class Waker:
     def wait(self, timeout: float) -> None:
         """Return when news may have arrived, or after `timeout` seconds."""
         if self._fairy is None:
+            if self.store.dialect == "postgresql" and time.monotonic() >= self._listen_again_at:
+                # LISTEN lost while the server could not be reached: polling every 50 ms for
+                # good cost a runner's wake-ups and about 75 idle transactions a second
+                self._listen_again_at = time.monotonic() + _LISTEN_RETRY
+                with contextlib.suppress(Exception):
+                    self._listen()
+                if self._fairy is not None:
+                    return  # (the caller reads: news may have come meanwhile)
             time.sleep(min(timeout, self.poll_interval))
             return
         db = self._fairy.dbapi_connection

@@ -133,3 +133,39 @@ def test_the_metrics_gauge_follows_what_another_engine_did(
     b.resume(sid)
     a.update(sid, {"k": 1})
     assert {k: v for k, v in a.metrics()["sessions"].items() if v} == {"ACTIVE": 1}
+
+
+@pytest.mark.postgresql
+def test_the_waker_listens_again_after_an_outage(pg_backend: Any) -> None:
+    """Review round 16 (error paths): a LISTEN connection lost while no new one could be made
+    left the runner polling every 50 ms for good, never woken by NOTIFY again. It now tries
+    again, at most once a second."""
+    from sessionledger import SessionEngine
+    from sessionledger.infrastructure.subscriptions import Waker
+
+    with SessionEngine(pg_backend.url) as engine:
+        store = engine._store
+        waker = Waker(store)
+        try:
+            assert waker._fairy is not None
+            real = store.engine.raw_connection
+            attempts: list[int] = []
+
+            def down() -> Any:
+                attempts.append(1)
+                raise OSError("server down")
+
+            waker._fairy.invalidate()  # lost ...
+            waker._fairy = None
+            store.engine.raw_connection = down  # type: ignore[method-assign]
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:  # ... while the server is down
+                waker.wait(0.01)
+            assert len(attempts) == 1  # tried, then not again within the second
+            store.engine.raw_connection = real  # type: ignore[method-assign]
+            deadline = time.monotonic() + 3
+            while waker._fairy is None and time.monotonic() < deadline:
+                waker.wait(0.05)
+            assert waker._fairy is not None  # listening again
+        finally:
+            waker.close()
