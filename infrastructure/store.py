@@ -904,8 +904,13 @@ class EventStore:
                 # next scan gets a live one instead of failing on this one again
                 fairy.invalidate()
             else:
-                with contextlib.suppress(Exception):
+                try:
                     fairy.rollback()
+                except Exception:
+                    # lost while idle (a terminated backend), found by this rollback: out of
+                    # the pool too (its reset would fail again and log an ERROR traceback)
+                    with contextlib.suppress(Exception):
+                        fairy.invalidate()
             fairy.close()
 
     def _fetchall(self, sql: str, params: Sequence[Any]) -> list[Any]:

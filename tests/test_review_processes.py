@@ -628,3 +628,45 @@ def test_an_interrupt_in_a_sqlite_purge_stays_an_interrupt(
         engine.create("t")  # still writable
     finally:
         engine.close()
+
+
+def test_a_scan_connection_whose_rollback_fails_leaves_the_pool(tmp_path: Path) -> None:
+    """Review round 16 (error paths): a scan's connection whose rollback failed (a backend
+    terminated while it sat idle) went back to the pool, whose reset failed again and logged
+    an ERROR with a traceback; it is now invalidated."""
+    engine = SessionEngine(f"sqlite:///{tmp_path / 'a.db'}")
+    try:
+        engine.create("s")
+        store = engine._store
+        real = store.engine.raw_connection
+        taken: list[Any] = []
+
+        class RollbackFails:
+            def __init__(self, fairy: Any) -> None:
+                self.fairy = fairy
+
+            invalidated = False
+
+            def rollback(self) -> None:
+                raise OSError("the connection is lost")
+
+            def invalidate(self, *args: Any) -> None:
+                self.invalidated = True
+                self.fairy.invalidate(*args)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.fairy, name)
+
+        def raw_connection() -> Any:
+            taken.append(RollbackFails(real()))
+            return taken[-1]
+
+        store.engine.raw_connection = raw_connection  # type: ignore[method-assign]
+        try:
+            assert len(list(engine.timeline())) == 1
+        finally:
+            store.engine.raw_connection = real  # type: ignore[method-assign]
+        assert taken and taken[0].invalidated  # its record reconnects on its next use
+        assert len(list(engine.timeline())) == 1
+    finally:
+        engine.close()
