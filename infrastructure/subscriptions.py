@@ -159,7 +159,13 @@ class SubscriptionStore:
                     with self.store.holding_write_lock():
                         yield conn, tracked(name, row[0]) if row else 0
                 except BaseException:
-                    conn.rollback()
+                    try:
+                        conn.rollback()
+                    except Exception:
+                        # (a connection an interrupt left busy, or one the server dropped): out
+                        # of the pool, and the caller gets what happened, not the rollback's error
+                        with contextlib.suppress(Exception):
+                            conn.invalidate()
                     raise
                 finally:
                     held.discard(name)

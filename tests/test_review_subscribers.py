@@ -169,3 +169,29 @@ def test_the_waker_listens_again_after_an_outage(pg_backend: Any) -> None:
             assert waker._fairy is not None  # listening again
         finally:
             waker.close()
+
+
+def test_an_interrupt_in_a_transactional_batch_whose_rollback_fails_stays_an_interrupt(
+        engine_factory: EngineFactory) -> None:
+    """Review round 16 (error paths): the rollback after an interrupt in a transactional batch
+    could fail too (PostgreSQL: a connection the interrupt left busy), and its error replaced
+    the interrupt: the caller saw StorageError "another command is already in progress"."""
+    engine = engine_factory(SessionConfig(lifecycle_hooks=False))
+    sid = engine.create("x")
+    armed = [True]
+
+    def handler(event: Any, conn: Any) -> None:
+        if armed[0]:
+            armed[0] = False
+
+            def rollback() -> None:
+                raise OSError("another command is already in progress")
+
+            conn.rollback = rollback
+            raise KeyboardInterrupt
+
+    engine.subscribe("t", handler, transactional=True)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_subscribers(until_idle=True)
+    assert engine.run_subscribers(until_idle=True)["t"] == 1  # delivered again, once
+    assert engine.update(sid, {"k": 1}) == 2
