@@ -142,7 +142,7 @@ def checked_subscription(
 
 #: the at-least-once subscribers whose batch a thread is delivering (a handler may call the
 #: engine, run_subscribers() included)
-_delivering = threading.local()
+_batches_on_thread = threading.local()
 
 
 class SubscriberRunner:
@@ -175,7 +175,7 @@ class SubscriberRunner:
                 done = rows[-1][0] if len(rows) == self.batch_size else head
                 subs.advance(conn, name, done)
                 return len(rows) if rows else 0
-        delivering: set[str] = _delivering.__dict__.setdefault("names", set())
+        delivering: set[str] = _batches_on_thread.__dict__.setdefault("names", set())
         if name in delivering:
             # its handler running it again: that would deliver the batch under way again, and
             # again (its position moves only after the batch), until the recursion limit
