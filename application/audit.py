@@ -14,13 +14,12 @@ Times: a datetime (naive means UTC), a date (midnight UTC) or an ISO 8601 string
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from datetime import UTC, date, datetime, time
 from typing import Any
 from uuid import UUID
 
-from sessionledger.domain.errors import InvalidArgument, SessionNotFound
+from sessionledger.domain.errors import CorruptedData, InvalidArgument, SessionNotFound
 from sessionledger.domain.events import (
     SESSION_STARTED,
     SessionEvent,
@@ -38,12 +37,11 @@ from sessionledger.projections.audit import BlameEntry, StateDiff, blame_key, di
 from sessionledger.projections.replay import current_data, replay, session_events
 
 from .repository import SessionRepository
+from .session_names import SessionNames
 
 #: what the time arguments accept
 TimeLike = datetime | date | str
 
-#: sessions whose names timeline() keeps at hand (bounded: the timeline runs in constant memory)
-_NAME_CACHE_SIZE = 4096
 #: session ids per query when timeline() looks names up
 _NAMES_CHUNK = 500
 
@@ -252,33 +250,16 @@ class AuditQueries:
 
     def _timeline(self, sql: str, params: list[Any]) -> Iterator[SessionEvent]:
         decode = self._codec.payloads.decode
-        names: OrderedDict[str, str | None] = OrderedDict()
+        names = SessionNames(self.session_names)
         for rows in self._store.scan_batches(sql, params):
-            # the names the batch needs and neither the cache nor the batch itself gives, in
-            # one query (a lookup per session made 6,000 interleaved sessions 4.7x slower an
-            # event than 1,000, and costs a round trip each on PostgreSQL)
-            started = {row[1] for row in rows if row[3] == SESSION_STARTED}
-            missing = {row[1] for row in rows} - started - names.keys()
-            names.update(self._session_names(sorted(missing)))
+            names.prepare(rows)
             for position, sid, version, event_type, micros, actor, correlation, payload in rows:
                 schema, raw = decode(payload, sid, version)
                 data = current_data(sid, version, event_type, schema, raw)
-                if event_type == SESSION_STARTED:
-                    name: str | None = data.get("name")
-                    names[sid] = name
-                else:
-                    try:
-                        names.move_to_end(sid)
-                        name = names[sid]
-                    except KeyError:
-                        # damage: the session's SessionStarted comes later in this batch (it
-                        # was left out of the lookup above); its version 1 names nothing
-                        name = None
                 yield SessionEvent(sid, version, event_type, event_time(sid, version, micros),
                                    actor, correlation, data, position=position,
-                                   session_name=name)
-            while len(names) > _NAME_CACHE_SIZE:
-                names.popitem(last=False)
+                                   session_name=names.name(sid, event_type, data))
+            names.trim()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -288,10 +269,11 @@ class AuditQueries:
             raise SessionNotFound(sid)
         return latest
 
-    def _session_names(self, sids: list[str]) -> dict[str, str | None]:
+    def session_names(self, sids: list[str], damaged_as_none: bool = False
+                      ) -> dict[str, str | None]:
         """session id -> the name in its SessionStarted (None when its first event is no
-        SessionStarted or its name no str; CorruptedData when it does not decode), for `sids`,
-        in a query per _NAMES_CHUNK ids."""
+        SessionStarted or its name no str; CorruptedData when it does not decode, or None with
+        `damaged_as_none`), for `sids`, in a query per _NAMES_CHUNK ids."""
         found: dict[str, str | None] = dict.fromkeys(sids)
         for start in range(0, len(sids), _NAMES_CHUNK):
             chunk = sids[start:start + _NAMES_CHUNK]
@@ -299,10 +281,20 @@ class AuditQueries:
             for sid, event_type, payload in rows:
                 if event_type != SESSION_STARTED:
                     continue
-                schema, raw = self._codec.payloads.decode(payload, sid, 1)
-                name = current_data(sid, 1, SESSION_STARTED, schema, raw).get("name")
+                try:
+                    schema, raw = self._codec.payloads.decode(payload, sid, 1)
+                    name = current_data(sid, 1, SESSION_STARTED, schema, raw).get("name")
+                except CorruptedData:
+                    if not damaged_as_none:
+                        raise
+                    name = None
                 found[sid] = name if isinstance(name, str) else None
         return found
+
+    def names_for_subscribers(self, sids: list[str]) -> dict[str, str | None]:
+        """session_names() for a durable subscriber's batch: a damaged SessionStarted names
+        nothing instead of stopping the subscriber at every batch that holds that session."""
+        return self.session_names(sids, damaged_as_none=True)
 
     def _version_at(self, sid: str, micros: int, moment: datetime) -> int:
         """The last version of `sid` committed at or before `micros`; InvalidArgument when

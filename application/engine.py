@@ -56,6 +56,7 @@ from .config import SessionConfig
 from .parallel_verify import MAX_WORKERS, spawn_reruns_main, start_method, verify_in_processes
 from .repository import SKIP_REASONS, SessionRepository
 from .retention import CleanupReport, RetentionPolicy, last_ended
+from .session_names import SessionNames
 from .subscribers import (
     DEFAULT_BATCH,
     MAX_BATCH,
@@ -591,7 +592,8 @@ class SessionEngine:
         checked_flag(transactional, "transactional")
         with self._lock:
             self._durable[text] = HandlerSubscriber(
-                text, handler, types, transactional, self._codec.payloads
+                text, handler, types, transactional, self._codec.payloads,
+                SessionNames(self.audit.names_for_subscribers),
             )
 
     def unsubscribe(self, name: str) -> None:

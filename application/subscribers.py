@@ -34,6 +34,8 @@ from sessionledger.infrastructure.subscriptions import FeedRow, SubscriptionStor
 from sessionledger.projections.hooks import checked_plain_callable
 from sessionledger.projections.replay import current_data
 
+from .session_names import SessionNames
+
 log = logging.getLogger("sessionledger.subscribers")
 #: a failing subscriber on the background runner is retried after 1 s, then after twice the
 #: pause before, up to a minute (a database that is down fails every subscriber at once)
@@ -85,13 +87,14 @@ class WindowConsumer(abc.ABC):
 Consumer = BatchConsumer | WindowConsumer
 
 
-def decode_feed_row(payloads: PayloadCodec, row: FeedRow) -> SessionEvent:
-    """A feed row as the SessionEvent subscribers receive (data in the current schema)."""
+def decode_feed_row(payloads: PayloadCodec, row: FeedRow, names: SessionNames) -> SessionEvent:
+    """A feed row as the SessionEvent subscribers receive (data in the current schema, the
+    session's name from `names`, prepared for the row's batch)."""
     position, sid, version, event_type, micros, actor, correlation, payload = row
-    schema, data = payloads.decode(blob(payload), sid, version)
+    schema, raw = payloads.decode(blob(payload), sid, version)
+    data = current_data(sid, version, event_type, schema, raw)
     return SessionEvent(sid, version, event_type, event_time(sid, version, micros), actor,
-                        correlation,
-                        current_data(sid, version, event_type, schema, data), position)
+                        correlation, data, position, names.name(sid, event_type, data))
 
 
 @dataclass
@@ -103,13 +106,17 @@ class HandlerSubscriber:
     types: tuple[str, ...] | None
     transactional: bool
     payloads: PayloadCodec
+    #: the names of the sessions its events belong to (SessionEvent.session_name)
+    names: SessionNames
 
     def handle(self, rows: Sequence[FeedRow], conn: Connection | None) -> int:
         handled = 0
         transactional = self.transactional
+        names = self.names
+        names.prepare(rows)
         for row in rows:
             try:
-                event = decode_feed_row(self.payloads, row)
+                event = decode_feed_row(self.payloads, row, names)
                 if transactional:
                     self.handler(event, conn)
                 else:
@@ -117,6 +124,7 @@ class HandlerSubscriber:
             except Exception as error:
                 raise _PartialBatch(handled, error) from error
             handled += 1
+        names.trim()
         return handled
 
 

@@ -195,3 +195,24 @@ def test_an_interrupt_in_a_transactional_batch_whose_rollback_fails_stays_an_int
         engine.run_subscribers(until_idle=True)
     assert engine.run_subscribers(until_idle=True)["t"] == 1  # delivered again, once
     assert engine.update(sid, {"k": 1}) == 2
+
+
+@pytest.mark.parametrize("transactional", [False, True])
+def test_durable_subscribers_receive_the_session_name(
+        engine_factory: EngineFactory, transactional: bool) -> None:
+    """Review round 16 (contract): durable handlers got session_name=None where hooks and
+    timeline() give the name; a mailer subscribed to SessionEnded wants it. Batches of one
+    event make every name but the first come from the lookup, not the feed."""
+    engine = engine_factory(SessionConfig(lifecycle_hooks=False))
+    first = engine.create("first-run")
+    second = engine.create("second-run")
+    engine.end(first, outcome="completed")
+    engine.end(second, outcome="failed")
+    got: list[Any] = []
+
+    def handler(event: Any, *conn: Any) -> None:
+        got.append((event.session_id, event.type, event.session_name))
+
+    engine.subscribe("ended", handler, events=["SessionEnded"], transactional=transactional)
+    engine.run_subscribers(until_idle=True, batch_size=1)
+    assert got == [(first, "SessionEnded", "first-run"), (second, "SessionEnded", "second-run")]
