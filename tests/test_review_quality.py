@@ -8,6 +8,7 @@ from conftest import EngineFactory
 
 from sessionledger import CorruptedData, SessionEngine
 from sessionledger.infrastructure.codec import PayloadCodec
+from sessionledger.session_names import SessionNames
 from sessionledger.subscribers import decode_feed_row
 
 
@@ -52,4 +53,4 @@ def test_subscriber_feed_row_with_a_number_as_payload_fails_cleanly() -> None:
     row = (1, "01a250a3-ab14-7c7c-9985-5a1541835196", 1, "SessionStarted", 0, None, None,
            10**13)
     with pytest.raises(CorruptedData, match="does not decode"):
-        decode_feed_row(PayloadCodec(), row)
+        decode_feed_row(PayloadCodec(), row, SessionNames(dict.fromkeys))
