@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection
 
-from sessionledger.domain.errors import SessionLedgerError, StorageError
+from sessionledger.domain.errors import SessionLedgerError
 from sessionledger.domain.events import SessionEvent, checked_event_types, event_time
 from sessionledger.domain.values import checked_text
 from sessionledger.infrastructure.codec import PayloadCodec, blob
@@ -148,11 +148,6 @@ def checked_subscription(
     return text, None if wanted is None else tuple(sorted(wanted))
 
 
-#: the at-least-once subscribers whose batch a thread is delivering (a handler may call the
-#: engine, run_subscribers() included)
-_batches_on_thread = threading.local()
-
-
 class SubscriberRunner:
     """Delivers pending events to consumers, in batches, tracking each consumer's position."""
 
@@ -183,32 +178,26 @@ class SubscriberRunner:
                 done = rows[-1][0] if len(rows) == self.batch_size else head
                 subs.advance(conn, name, done)
                 return len(rows) if rows else 0
-        delivering: set[str] = _batches_on_thread.__dict__.setdefault("names", set())
-        if name in delivering:
-            # its handler running it again: that would deliver the batch under way again, and
-            # again (its position moves only after the batch), until the recursion limit
-            raise StorageError(
-                f"cannot run subscriber {name!r} here: its own handler is delivering a batch "
-                "on this thread, which it would deliver again")
-        position = subs.position(name)
-        head = subs.head()
-        if head <= position:
-            return 0
-        rows = subs.read(position, head, self.batch_size, consumer.types)
-        delivering.add(name)
-        try:
-            consumer.handle(rows, None)
-        except _PartialBatch as partial:
-            if partial.handled:
-                subs.advance_now(name, rows[partial.handled - 1][0])
-            raise SubscriberFailed(
-                name, rows[partial.handled][0], partial.error
-            ) from partial.error
-        finally:
-            delivering.discard(name)
-        done = rows[-1][0] if len(rows) == self.batch_size else head
-        subs.advance_now(name, done)
-        return len(rows)
+        # its handler running it again would deliver the batch under way again, and again (its
+        # position moves only after the batch), until the recursion limit
+        with subs.running_here(name, "its own handler is delivering a batch on this thread, "
+                                     "which it would deliver again"):
+            position = subs.position(name)
+            head = subs.head()
+            if head <= position:
+                return 0
+            rows = subs.read(position, head, self.batch_size, consumer.types)
+            try:
+                consumer.handle(rows, None)
+            except _PartialBatch as partial:
+                if partial.handled:
+                    subs.advance_now(name, rows[partial.handled - 1][0])
+                raise SubscriberFailed(
+                    name, rows[partial.handled][0], partial.error
+                ) from partial.error
+            done = rows[-1][0] if len(rows) == self.batch_size else head
+            subs.advance_now(name, done)
+            return len(rows)
 
     def _step_window(self, consumer: WindowConsumer) -> int:
         """A consumer that folds whole position windows in SQL (the catalog): exactly once."""

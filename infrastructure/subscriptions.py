@@ -60,14 +60,29 @@ class SubscriptionStore:
         #: SQLite: the lock the engine's commands hold, taken before a subscriber's write lock
         #: (see transaction())
         self._commands_lock = commands_lock if store.dialect == "sqlite" else None
-        #: PostgreSQL: the tracking rows this thread holds locked in a transaction() under way
-        #: (a transactional handler that runs its own subscriber again would wait for itself:
-        #: the server sees no deadlock, as the holder is idle in its transaction)
+        #: .names: the subscribers this thread is running (running_here): a handler that runs
+        #: its own subscriber again is refused (PostgreSQL, transactional: it would wait for its
+        #: own locked tracking row, where the server sees no deadlock as the holder is idle in
+        #: its transaction; at least once: it would deliver the batch under way again)
         self._rows_held = threading.local()
 
     def after_fork_in_child(self) -> None:
-        """In a forked process: no tracking row is held by it."""
+        """In a forked process: no subscriber is run by it."""
         self._rows_held = threading.local()
+
+    @contextlib.contextmanager
+    def running_here(self, name: str, refusal: str) -> Iterator[None]:
+        """Subscriber `name` marked as run by this thread meanwhile; StorageError ("cannot run
+        subscriber ... here: `refusal`") when this thread runs it already (its own handler
+        running it again)."""
+        held: set[str] = self._rows_held.__dict__.setdefault("names", set())
+        if name in held:
+            raise StorageError(f"cannot run subscriber {name!r} here: {refusal}")
+        try:
+            held.add(name)  # (inside: an interrupt right after it left the mark)
+            yield
+        finally:
+            held.discard(name)
 
     # -- positions -------------------------------------------------------------------------
 
@@ -119,18 +134,16 @@ class SubscriptionStore:
             # a transactional handler that reads through the engine (find() catches the
             # catalog up): a second write lock on this thread would wait 30 s for the first
             self.store.refuse_waiting_for_itself(f"run subscriber {name!r}")
-        held: set[str] = self._rows_held.__dict__.setdefault("names", set())
-        if name in held:
-            raise StorageError(
-                f"cannot run subscriber {name!r} here: this thread holds its tracking row in "
-                f"that subscriber's own transaction, and would wait for itself")
         # SQLite, code that may call the engine: the engine's command lock first, as commands
         # take it before their write lock. Otherwise a command of another thread waiting for
         # this transaction's write lock holds the engine lock, and a handler reading through
         # the engine (get()) waits for it: both stall until SQLite's 30 s timeout.
         commands_lock = self._commands_lock if calls_back else None
         try:
-            with (commands_lock or contextlib.nullcontext(), self.store.storage_errors(doing),
+            with (self.running_here(name, "this thread holds its tracking row in that "
+                                          "subscriber's own transaction, and would wait for "
+                                          "itself"),
+                  commands_lock or contextlib.nullcontext(), self.store.storage_errors(doing),
                   self.store.connection() as conn):
                 if self.dialect == "sqlite":
                     conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -155,7 +168,6 @@ class SubscriptionStore:
                     if hold_off_purges:
                         self.store.hold_off_purges(conn)
                 try:
-                    held.add(name)  # (inside: an interrupt right after it left the mark)
                     with self.store.holding_write_lock():
                         yield conn, tracked(name, row[0]) if row else 0
                 except BaseException:
@@ -167,8 +179,6 @@ class SubscriptionStore:
                         with contextlib.suppress(Exception):
                             conn.invalidate()
                     raise
-                finally:
-                    held.discard(name)
                 conn.commit()
         except BaseException as error:
             if self.dialect == "sqlite" and not isinstance(error, Exception):
