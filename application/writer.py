@@ -345,15 +345,13 @@ class SessionWriter:
                     return used_key.version
                 except SessionGone:  # purged meanwhile (by another engine): nothing written
                     raise self.not_found(sid) from None
-                if not rows:  # a keyed command that changed nothing: only its key was written
-                    self._remember(session, head)
-                else:
-                    self._remember(session, rows[-1][7])
-                    if self.hooks.active:
-                        if len(rows) == 1:
-                            self._deliver_one(session.name, rows[0], position, pending[0][1])
-                        else:
-                            self._deliver({sid: session.name}, rows, position, pending)
+                # (no rows: a keyed command that changed nothing, only its key was written)
+                self._remember(session, rows[-1][7] if rows else head)
+                if rows and self.hooks.active:
+                    if len(rows) == 1:
+                        self._deliver_one(session.name, rows[0], position, pending[0][1])
+                    else:
+                        self._deliver({sid: session.name}, rows, position, pending)
                 return last_version
 
     def _deliver(
