@@ -98,9 +98,12 @@ class Session:
         )
 
     def __eq__(self, other: object) -> bool:
+        """Every field the same, values compared exactly (`same_value`: 1, 1.0 and True
+        differ, NaN equals NaN), as the engine compares state: verify() judges a snapshot
+        against the replayed session with this."""
         if not isinstance(other, Session):
             return NotImplemented
-        return all(getattr(self, n) == getattr(other, n) for n in Session.__slots__)
+        return all(same_value(getattr(self, n), getattr(other, n)) for n in Session.__slots__)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -140,7 +143,9 @@ class Session:
             for key in delete:
                 if not isinstance(key, str):
                     raise InvalidArgument(f"delete key {key!r} is not a str")
-            to_delete = sorted({k for k in delete if k in state and k not in to_set})
+            # a str subclass (a str-enum member) as its text, as state keys are stored
+            to_delete = sorted({str.__str__(k) for k in delete
+                                if k in state and k not in to_set})
         to_set = {k: v for k, v in to_set.items() if k not in state or not same_value(state[k], v)}
         if not to_set and not to_delete:
             return []
@@ -202,6 +207,8 @@ class Session:
     ) -> list[PendingEvent]:
         """SessionRestored carrying the full state of `target_version`."""
         self._require("restore", SessionStatus.ACTIVE)
+        if checkpoint is not None:
+            checkpoint = str.__str__(checkpoint)  # a str-enum member: its text, as stored
         return [(ev.SESSION_RESTORED, {
             "to_version": target_version, "checkpoint": checkpoint, "state": state,
         })]
@@ -233,7 +240,8 @@ class Session:
                 f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}"
             )
         self._require(f"end ({outcome})", SessionStatus.ACTIVE, SessionStatus.SUSPENDED)
-        return [(ev.SESSION_ENDED, {"outcome": outcome})]
+        # a str-enum member: its text, as a reload gives it
+        return [(ev.SESSION_ENDED, {"outcome": str.__str__(outcome)})]
 
     def decide_archive(self) -> list[PendingEvent]:
         """SessionArchived: an ended session is archived."""

@@ -127,7 +127,10 @@ def _checked(value: Any, at: KeyPath, depth: int) -> Any:
     if kind is bytes:
         return value
     if kind is bytearray or kind is memoryview:
-        return bytes(value)
+        try:
+            return bytes(value)
+        except (ValueError, TypeError) as error:  # a released memoryview, say
+            raise UnsupportedValue(key_path(at), f"{kind.__name__} ({error})") from None
     if kind is datetime:
         return _stored_datetime(value, at)
     if kind is UUID or kind is Decimal:
@@ -176,6 +179,8 @@ def _stored_datetime(moment: datetime, at: KeyPath) -> datetime:
             # a fixed offset is stored as its offset only: a name (timezone(offset, "CET"))
             # is lost
             return moment.replace(tzinfo=timezone(offset), fold=0)
+        # a tzinfo that gives no offset makes a naive datetime, and is stored as one
+        return moment.replace(tzinfo=None, fold=0)
     # the stored text has no fold: the second 01:30 of a fall-back (fold=1) reads as the first
     return moment.replace(fold=0) if moment.fold else moment
 
