@@ -210,6 +210,8 @@ def drop_if_broken(conn: Connection, error: BaseException) -> None:
 
 #: the logging_name of the stores' pools (their logger: sqlalchemy.pool.impl.<Pool>.sessionledger)
 _POOL_LOGGING_NAME = "sessionledger"
+#: every PostgreSQL connection's isolation level, whatever the server's default
+_READ_COMMITTED = "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED"
 
 
 class _InterruptsRaisedOn(logging.Filter):
@@ -364,6 +366,24 @@ class EventStore:
                                           pool_size=2, max_overflow=PG_MAX_CONNECTIONS - 2,
                                           pool_pre_ping=True,
                                           pool_logging_name=_POOL_LOGGING_NAME)
+
+                @sa_event.listens_for(engine, "connect")
+                def _read_committed(dbapi_connection: Any, _record: Any) -> None:
+                    # The purge and append checks (a tombstone, the stream's last version) read
+                    # after waiting for the append lock and must see what committed during the
+                    # wait: READ COMMITTED. A server default of REPEATABLE READ (ALTER DATABASE
+                    # ... SET default_transaction_isolation) let an append write into a session
+                    # purged during its wait, and SERIALIZABLE failed one command in four with
+                    # a serialization error. Set for the connection's whole life, so explicit
+                    # BEGINs (the hot path's) get it too.
+                    autocommit = dbapi_connection.autocommit
+                    dbapi_connection.autocommit = True
+                    try:
+                        cursor = dbapi_connection.cursor()
+                        cursor.execute(_READ_COMMITTED)
+                        cursor.close()
+                    finally:
+                        dbapi_connection.autocommit = autocommit
         except StorageError:
             raise
         except Exception as error:
