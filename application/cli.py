@@ -10,6 +10,7 @@ problem); no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
@@ -416,9 +417,39 @@ def check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                                       f"could not decode as Unicode)")
 
 
+def _tolerant_stdout() -> None:
+    """Text stdout cannot encode (a cp1252 or ASCII stdout and a name in another script)
+    printed as backslash escapes instead of ending the command with UnicodeEncodeError."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        # (a closed or detached stream refuses: there is nothing to print to anyway)
+        with contextlib.suppress(OSError, ValueError):
+            reconfigure(errors="backslashreplace")
+
+
+def _settle_stdout() -> bool:
+    """Flush stdout; True when it took everything. When it cannot (the reader of a pipe went
+    away, a full disk), it is pointed at os.devnull: the interpreter's own flush at exit would
+    fail again, print "Exception ignored" and end with status 120."""
+    try:
+        sys.stdout.flush()
+        return True
+    except (OSError, ValueError):
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, sys.stdout.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sessionledger` command; returns the exit status."""
     args: argparse.Namespace | None = None
+    _tolerant_stdout()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)  # OptionError: a value its `type=` function refused
@@ -428,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         key = os.environ.get(KEY_VARIABLE) or None
         with SessionEngine(args.url, SessionConfig(integrity_key=key)) as engine:
             status = args.run(engine, args)
+        # what is still buffered, written here: a reader gone now is handled below, not at
+        # the interpreter's exit
+        sys.stdout.flush()
     except SessionLedgerError as error:
         print(f"sessionledger: error: {error}", file=sys.stderr)
         return 1
@@ -435,7 +469,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("sessionledger: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`| head`): what was decided stands
+        _settle_stdout()
         return getattr(args, "decided_status", 0)
+    except OSError as error:  # output that could not be written (a full disk): one line
+        print(f"sessionledger: error: {error}", file=sys.stderr)
+        _settle_stdout()
+        return getattr(args, "decided_status", 0) or 1
     except RecursionError:  # printing a value no command writes (a forged or damaged event)
         print("sessionledger: error: a stored value is nested too deeply to print (no command "
               "writes one: a forged or damaged event; `sessionledger verify` checks the chains)",

@@ -21,6 +21,7 @@ Wiring (cli.build_parser): ``add_audit_verbs(verbs, common)``; on the `show` par
 from __future__ import annotations
 
 import argparse
+import codecs
 import itertools
 import json
 import math
@@ -137,10 +138,23 @@ _RAW_CONTROLS = re.compile("[\x7f-\x9f]")
 _EVENTS_SHOWN = 10
 
 
+def stdout_speaks_utf8() -> bool:
+    """True when stdout encodes UTF-8 (else JSON goes out as ASCII with \\u escapes, still
+    valid and lossless: a cp1252 file on Windows, an ASCII locale)."""
+    encoding = getattr(sys.stdout, "encoding", None)
+    if not isinstance(encoding, str):
+        return False
+    try:
+        return codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        return False
+
+
 def _json(value: Any, indent: int | None = None, sort_keys: bool = False) -> str:
     """JSON of `value` as the CLI prints it: readable Unicode, but every control character
     escaped (JSON escapes C0 itself), so printed data never drives the terminal."""
-    text = json.dumps(jsonable(value), indent=indent, ensure_ascii=False, sort_keys=sort_keys)
+    text = json.dumps(jsonable(value), indent=indent, ensure_ascii=not stdout_speaks_utf8(),
+                      sort_keys=sort_keys)
     return _RAW_CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 

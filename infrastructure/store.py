@@ -114,12 +114,20 @@ def resolve_url(url: str | URL | None) -> URL:
         if "://" not in url:
             if not url.strip():
                 raise StorageError("empty database URL")
-            url = "sqlite:///" + url
-        try:
-            parsed = make_url(url)
-        except Exception as error:
-            raise StorageError(masked_url_text(f"invalid database URL {url!r}: {error}")
-                               ) from None
+            # the path as it is, never parsed as URL text ("a%41.db" is not "aA.db", nor
+            # "q?x=1.db" the file "q" with a query)
+            parsed = URL.create("sqlite", database=url)
+        else:
+            try:
+                parsed = make_url(url)
+            except Exception as error:
+                raise StorageError(masked_url_text(f"invalid database URL {url!r}: {error}")
+                                   ) from None
+            if parsed.host is not None and "@" in parsed.host:
+                # an '@' in the password, not percent-encoded: the URL splits at the first
+                # one and the rest of the password would show as the host in every message
+                raise StorageError("invalid database URL: its host part holds an '@' (an '@' "
+                                   "in a password must be written %40)")
     elif isinstance(url, URL):
         parsed = url
     else:
@@ -167,7 +175,8 @@ def safe_url(url: URL) -> str:
 def masked_url_text(text: str) -> str:
     """URL text that may not parse, for a message: whatever stands where a password would
     (user:PASSWORD@, password=...) hidden."""
-    text = re.sub(r"(://[^/?#@]*?:)[^/?#@]*@", r"\1***@", text)
+    # (to the authority's last '@': a password may hold one that is not percent-encoded)
+    text = re.sub(r"(://[^/?#@]*?:)[^/?#]*@", r"\1***@", text)
     return re.sub(r"((?:ssl)?password=)[^&;\s'\"]*", r"\1***", text, flags=re.IGNORECASE)
 
 
@@ -386,6 +395,10 @@ class EventStore:
                         dbapi_connection.autocommit = autocommit
         except StorageError:
             raise
+        except ModuleNotFoundError as error:
+            hint = (" (install the PostgreSQL driver: pip install 'sessionledger[postgres]')"
+                    if self.dialect == "postgresql" else "")
+            raise StorageError(f"cannot use database {safe_url(url)}: {error}{hint}") from None
         except Exception as error:
             raise StorageError(f"cannot use database {safe_url(url)}: {error}") from None
         return engine
