@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"A database written with an integrity key is read with the key in ${KEY_VARIABLE}.",
         parents=[_common_options(url=None, as_json=False)],
     )
+    from sessionledger import __version__
+
+    parser.add_argument("--version", action="version", version=f"sessionledger {__version__}")
     common = _common_options(url=argparse.SUPPRESS, as_json=argparse.SUPPRESS)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 

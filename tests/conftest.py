@@ -64,9 +64,9 @@ def libpq_url(base: str) -> str:
 
 @contextlib.contextmanager
 def _postgres_backend() -> Iterator[Backend]:
+    base = postgres_base_url()  # skips (locally) before the driver is needed
     import psycopg
 
-    base = postgres_base_url()
     admin_url = libpq_url(base)
     schema = f"t_{uuid.uuid4().hex}"
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as admin:

@@ -138,3 +138,14 @@ def test_a_missing_postgresql_driver_says_how_to_install_it(
     monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg: ModuleNotFoundError
     with pytest.raises(StorageError, match=r"pip install 'sessionledger\[postgres\]'"):
         SessionEngine("postgresql+psycopg://postgres@127.0.0.1:1/db")
+
+
+def test_version_prints_the_installed_release() -> None:
+    from importlib.metadata import version
+
+    import sessionledger
+
+    done = run("--version")
+    release = version("sessionledger")
+    assert (done.returncode, done.stdout.strip()) == (0, f"sessionledger {release}")
+    assert sessionledger.__version__ == version("sessionledger")
