@@ -227,10 +227,13 @@ class SubscriberRunner:
         batch: True ends the catch-up there."""
         target = self.subscriptions.head()
         total = 0
-        while True:
+        # behind first, with plain reads: a consumer already at the head opens no write
+        # transaction (a read-only role's find() could not, and SQLite took its write lock)
+        while self._behind(consumer, target):
             total += self.step(consumer)
-            if not self._behind(consumer, target) or (stop is not None and stop()):
-                return total
+            if stop is not None and stop():
+                break
+        return total
 
     def _behind(self, consumer: Consumer, target: int) -> bool:
         # below the head too: a purge can delete the events up to `target`

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -84,3 +85,28 @@ def test_a_rebuild_by_a_role_that_does_not_own_the_catalog_fails_first_and_leave
     with SessionEngine(pg_backend.url) as owner:
         assert owner.rebuild("catalog") > 0
         assert [s.id for s in owner.find()] == [sid]
+
+
+def test_a_select_only_role_finds_in_a_catalog_that_is_caught_up(
+    pg_backend: Backend, app_role: str, tmp_path: Path,
+) -> None:
+    """find() opened a write transaction on the catalog's tracking row even with nothing to
+    fold, so a read-only role never got a page ("permission denied for table sl_tracking").
+    SQLite's read-only file, the same."""
+    assert pg_backend.pg_url is not None
+    with SessionEngine(pg_backend.url) as owner:
+        sid = owner.create("s", tags=["t"])
+        owner.find()
+    with psycopg.connect(pg_backend.pg_url, autocommit=True) as admin:
+        for table in TABLES:
+            admin.execute(f'REVOKE INSERT, UPDATE, DELETE ON "{pg_backend.pg_schema}".{table} '
+                          f"FROM {app_role}")
+    with SessionEngine(url_as(pg_backend, app_role)) as reader:
+        assert [s.id for s in reader.find(tags=["t"])] == [sid]
+        assert [(s.name, s.lag) for s in reader.subscribers()] == [("catalog", 0)]
+    path = tmp_path / "ro.db"
+    with SessionEngine(f"sqlite:///{path}") as writer:
+        sid = writer.create("a")
+        writer.find()
+    with SessionEngine(f"sqlite:///file:{path}?mode=ro&uri=true") as reader:
+        assert [s.id for s in reader.find()] == [sid]
