@@ -118,6 +118,8 @@ def parse_age(text: str) -> float:
 
 
 def cmd_cleanup(engine: SessionEngine, args: argparse.Namespace) -> None:
+    if args.max_age is None and args.keep_last is None:
+        raise InvalidArgument("cleanup needs --max-age, --keep-last or both")
     policy = RetentionPolicy(max_age=args.max_age, keep_last=args.keep_last,
                              purge=args.purge, dry_run=args.dry_run)
     report = engine.cleanup(policy)

@@ -145,6 +145,10 @@ def resolve_url(url: str | URL | None) -> URL:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     backend = parsed.get_backend_name()
+    if backend == "sqlite" and (parsed.host or parsed.username or parsed.password
+                                or parsed.port):
+        raise StorageError("a SQLite URL names no host or user: sqlite:///relative/file.db, "
+                           "sqlite:////absolute/file.db, sqlite:// (in memory) or a bare path")
     if backend not in ("sqlite", "postgresql"):
         raise StorageError(
             f"unsupported database URL {safe_url(parsed)}: use sqlite:///FILE, sqlite:// "
@@ -158,14 +162,17 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-#: the query parameters of a URL that hold secrets (libpq's, which psycopg passes on)
-_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
+def _secret_key(key: str) -> bool:
+    """True for a URL query parameter that holds a secret: libpq's password and sslpassword,
+    and any other name with "pass" in it (a misspelt ?passwd= is printed back by the driver's
+    "invalid connection option" and would show the password)."""
+    return "pass" in key.lower()
 
 
 def safe_url(url: URL) -> str:
     """The URL with its password hidden (the user part's, and one given as a query parameter),
     for messages."""
-    secret = [key for key in url.query if key.lower() in _SECRET_QUERY_KEYS]
+    secret = [key for key in url.query if _secret_key(key)]
     if not secret:
         return url.render_as_string(hide_password=True)
     hidden = url.update_query_dict(dict.fromkeys(secret, "***"))
@@ -177,7 +184,7 @@ def masked_url_text(text: str) -> str:
     (user:PASSWORD@, password=...) hidden."""
     # (to the authority's last '@': a password may hold one that is not percent-encoded)
     text = re.sub(r"(://[^/?#@]*?:)[^/?#]*@", r"\1***@", text)
-    return re.sub(r"((?:ssl)?password=)[^&;\s'\"]*", r"\1***", text, flags=re.IGNORECASE)
+    return re.sub(r"(\w*pass\w*=)[^&;\s'\"]*", r"\1***", text, flags=re.IGNORECASE)
 
 
 @contextlib.contextmanager
@@ -400,7 +407,8 @@ class EventStore:
                     if self.dialect == "postgresql" else "")
             raise StorageError(f"cannot use database {safe_url(url)}: {error}{hint}") from None
         except Exception as error:
-            raise StorageError(f"cannot use database {safe_url(url)}: {error}") from None
+            raise StorageError(f"cannot use database {safe_url(url)}: {one_line(error)}"
+                               ) from None
         return engine
 
     def _connect(self) -> None:

@@ -149,3 +149,24 @@ def test_version_prints_the_installed_release() -> None:
     release = version("sessionledger")
     assert (done.returncode, done.stdout.strip()) == (0, f"sessionledger {release}")
     assert sessionledger.__version__ == version("sessionledger")
+
+
+def test_a_misspelt_password_parameter_is_hidden_too() -> None:
+    with pytest.raises(StorageError) as raised:
+        SessionEngine("postgresql+psycopg://postgres@127.0.0.1:1/db?passwd=SECRET")
+    assert "SECRET" not in str(raised.value) and "passwd=***" in str(raised.value)
+
+
+@pytest.mark.parametrize("url", ["sqlite://host/file.db", "sqlite://u:pw@/f.db",
+                                 "sqlite://:5/f.db"])
+def test_a_sqlite_url_with_a_host_is_one_clear_line(url: str) -> None:
+    done = run("ls", "--url", url)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "names no host or user" in done.stderr
+    assert "pw" not in done.stderr
+
+
+def test_cleanup_without_a_rule_names_the_options(tmp_path: Path) -> None:
+    done = run("cleanup", "--url", str(tmp_path / "db.sqlite"))
+    assert (done.returncode, done.stderr) == (
+        1, "sessionledger: error: cleanup needs --max-age, --keep-last or both\n")
