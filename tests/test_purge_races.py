@@ -168,16 +168,24 @@ def test_an_append_waiting_for_a_purge_to_commit(
     writer = engine_factory()
     sid = writer.create("s", state={"n": 0})
     writer.update(sid, {"n": 1})
+    assert_refused_after_waiting_for_a_purge(backend, sid, lambda: writer.update(sid, {"n": 2}))
+    assert_store_sound(engine_factory)
+
+
+def assert_refused_after_waiting_for_a_purge(backend: Backend, sid: str,
+                                             command: Callable[[], object]) -> None:
+    """`command` (an append to `sid`), started while a purge of `sid` holds its lock, waits
+    for the purge to commit, then raises SessionPurged and writes nothing."""
     outcome: list[object] = []
 
-    def update() -> None:
+    def run() -> None:
         try:
-            outcome.append(writer.update(sid, {"n": 2}))
+            outcome.append(command())
         except SessionLedgerError as error:
             outcome.append(error)
 
     with purging_transaction(backend, sid) as commit:
-        thread = threading.Thread(target=update)
+        thread = threading.Thread(target=run)
         thread.start()
         time.sleep(0.3)
         assert thread.is_alive(), f"the append did not wait for the purge: {outcome}"
@@ -185,7 +193,6 @@ def test_an_append_waiting_for_a_purge_to_commit(
     thread.join(timeout=30)
     assert len(outcome) == 1 and isinstance(outcome[0], SessionPurged), outcome
     assert leftovers(backend, sid) == (0, 0)
-    assert_store_sound(engine_factory)
 
 
 def test_verify_while_a_session_is_purged(

@@ -11,14 +11,13 @@ SERIALIZABLE commands on sessions of their own failed with serialization errors 
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from _helpers import Backend
 from sqlalchemy import make_url
-from test_purge_races import assert_store_sound, leftovers, purging_transaction
+from test_purge_races import assert_refused_after_waiting_for_a_purge, assert_store_sound
 
-from sessionledger import SessionConfig, SessionEngine, SessionLedgerError, SessionPurged
+from sessionledger import SessionConfig, SessionEngine
 
 LEVELS = ["repeatable read", "serializable"]
 
@@ -62,23 +61,8 @@ def test_an_append_waiting_for_a_purge_sees_it_whatever_the_server_default(
         writer = engine_factory()
         sid = writer.create("s", state={"n": 0})
         writer.end(sid)
-        outcome: list[object] = []
-
-        def archive() -> None:
-            try:
-                outcome.append(writer.archive(sid, idempotency_key="k" if keyed else None))
-            except SessionLedgerError as error:
-                outcome.append(error)
-
-        with purging_transaction(pg_backend, sid) as commit:
-            thread = threading.Thread(target=archive)
-            thread.start()
-            time.sleep(0.3)
-            assert thread.is_alive(), f"the append did not wait for the purge: {outcome}"
-            commit()
-        thread.join(timeout=30)
-        assert len(outcome) == 1 and isinstance(outcome[0], SessionPurged), outcome
-        assert leftovers(pg_backend, sid) == (0, 0)
+        assert_refused_after_waiting_for_a_purge(
+            pg_backend, sid, lambda: writer.archive(sid, idempotency_key="k" if keyed else None))
         assert_store_sound(engine_factory)  # type: ignore[arg-type]
     finally:
         for engine in opened:
