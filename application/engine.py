@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from datetime import date, datetime
@@ -83,18 +84,26 @@ _inherited_runners: list[Any] = []
 RESTORE_RECENT_LIMIT = 10_000
 
 
+def _warn_unclosed(url: str) -> None:
+    warnings.warn(f"SessionEngine({url}) was dropped without close(): use it in a with block "
+                  "or call close()", ResourceWarning, stacklevel=1)
+
+
 class _EngineCollector(Collector):
     """The engine's own counters for Prometheus (next to the MetricsHook's)."""
 
     def __init__(self, engine: SessionEngine) -> None:
-        self._engine = engine
+        # the counts, not the engine: the engine holds the registry that holds this, and that
+        # cycle kept an engine dropped without close() (and its connections) until the
+        # garbage collector's next full pass
+        self._skipped = engine._repository.skipped
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         skipped = CounterMetricFamily(
             "sessionledger_snapshots_skipped",
             "Snapshots this engine could not use and loaded past, by reason.",
             labels=["reason"])
-        counted = self._engine._repository.skipped
+        counted = self._skipped
         # every reason, from 0: a series born at its first count hides it from rate()
         for reason in sorted(set(SKIP_REASONS) | set(counted)):
             skipped.add_metric([reason], counted.get(reason, 0))
@@ -167,6 +176,10 @@ class SessionEngine:
             self._store.close()
             raise
         _open_engines.add(self)
+        # as an unclosed file does: a ResourceWarning when the engine is dropped open (its
+        # connections are released with it); none at the interpreter's exit
+        self._unclosed = weakref.finalize(self, _warn_unclosed, self.url)
+        self._unclosed.atexit = False
 
     def _after_fork_in_child(self) -> None:
         """In a forked process (the store connects anew by itself): fresh locks, and no
@@ -216,6 +229,7 @@ class SessionEngine:
         # store closed under it, its position would not move, and the handler would see the
         # same event again, its close() too, at every start). A close() from another thread
         # meanwhile waits for that runner, as for the others, before it closes the store.
+        self._unclosed.detach()
         with self._runners_lock:
             self._closing = True
             runners, self._runners = self._runners, []

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -241,6 +243,47 @@ class SubscriberRunner:
         return self.subscriptions.position(consumer.name) < head
 
 
+#: how long a fork waits for a background runner to finish the round it is in
+FORK_WAIT_SECONDS = 10.0
+#: the background runners of this process whose threads run
+_live_runners: weakref.WeakSet[SubscriberThread] = weakref.WeakSet()
+#: the runners' in_round locks a fork under way holds, and the runners it gave up waiting for
+_held_for_fork: list[threading.RLock] = []
+_not_paused: list[str] = []
+
+
+def _pause_runners_for_fork() -> None:
+    """Before this process forks: wait until every background runner is between rounds (at
+    most FORK_WAIT_SECONDS each). A fork in the middle of a round left the child a SQLite
+    connection another thread was using: the child hung for good closing it (its mutex held
+    by a thread that does not exist there), or, forked during a batch's transaction, found
+    the database locked at every write."""
+    for runner in list(_live_runners):
+        if runner.in_round.acquire(timeout=FORK_WAIT_SECONDS):
+            _held_for_fork.append(runner.in_round)
+        else:
+            _not_paused.append(runner._thread.name)
+
+
+def _resume_runners_after_fork() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop().release()
+    if _not_paused:
+        log.warning("the process forked while %d subscriber runner(s) still ran a round after "
+                    "%.0f s: a SQLite child may hang or find the database locked (stop the "
+                    "runners before forking)", len(_not_paused), FORK_WAIT_SECONDS)
+        _not_paused.clear()
+
+
+def _forget_runners_in_child() -> None:
+    _resume_runners_after_fork()  # (this thread holds them in the child too)
+    _live_runners.clear()  # their threads did not come along
+
+
+os.register_at_fork(before=_pause_runners_for_fork, after_in_parent=_resume_runners_after_fork,
+                    after_in_child=_forget_runners_in_child)
+
+
 class SubscriberThread:
     """The background runner run_subscribers() starts: stop() ends it and waits."""
 
@@ -257,8 +300,12 @@ class SubscriberThread:
         self.errors: dict[str, BaseException] = {}
         #: called on the runner's thread as it ends (engine.close() from one of its handlers)
         self.after_stop: Callable[[], None] | None = None
+        #: held while the runner uses the database (a round over its subscribers), free while
+        #: it waits: a fork of this process takes it first (see _pause_runners_for_fork)
+        self.in_round = threading.RLock()
         self._thread = threading.Thread(target=self._run, name="sessionledger-subscribers",
                                         daemon=True)
+        _live_runners.add(self)
         self._thread.start()
 
     def _run(self) -> None:
@@ -266,44 +313,52 @@ class SubscriberThread:
         delays: dict[str, float] = {}
         try:
             while not self._stopping.is_set():
-                busy = False
-                consumers = self._consumers()
-                if retry_at:
-                    # a failed subscriber unsubscribed since: its past retry time made every
-                    # idle wait 0 s (a busy loop), and its error stayed listed
-                    current = {consumer.name for consumer in consumers}
-                    for gone in [name for name in retry_at if name not in current]:
-                        del retry_at[gone], delays[gone]
-                        self.errors.pop(gone, None)
-                for consumer in consumers:
-                    name = consumer.name
-                    if self._stopping.is_set():  # (stopped by a handler of this batch)
-                        break
-                    if retry_at.get(name, 0.0) > time.monotonic():
-                        continue
-                    try:
-                        busy = self._runner.step(consumer) > 0 or busy
-                    except BaseException as error:  # keep the others running; retry this later
-                        # (a SystemExit, GeneratorExit or asyncio's CancelledError out of a
-                        # handler, too: they ended this thread silently, and every subscriber
-                        # with it; signals, Ctrl-C included, only reach the main thread)
-                        delays[name] = min(delays.get(name, _FIRST_RETRY / 2) * 2, _LAST_RETRY)
-                        retry_at[name] = time.monotonic() + delays[name]
-                        self._log_failure(name, error, delays[name])
-                        continue
-                    if self.errors.pop(name, None) is not None:
-                        retry_at.pop(name, None)
-                        delays.pop(name, None)
-                        log.info("subscriber %s recovered", name, extra={"subscriber": name})
+                with self.in_round:
+                    busy = self._round(retry_at, delays)
                 if not busy:
                     wait = self._max_wait
                     if retry_at:  # (PostgreSQL waits for a NOTIFY: not past a retry's time)
                         wait = min(wait, max(0.0, min(retry_at.values()) - time.monotonic()))
                     self._waker.wait(wait)
         finally:
-            self._waker.close()
+            _live_runners.discard(self)
+            with self.in_round:
+                self._waker.close()
             if self.after_stop is not None:
                 self.after_stop()
+
+    def _round(self, retry_at: dict[str, float], delays: dict[str, float]) -> bool:
+        """One batch for each subscriber that is due; True when any handled events."""
+        busy = False
+        consumers = self._consumers()
+        if retry_at:
+            # a failed subscriber unsubscribed since: its past retry time made every
+            # idle wait 0 s (a busy loop), and its error stayed listed
+            current = {consumer.name for consumer in consumers}
+            for gone in [name for name in retry_at if name not in current]:
+                del retry_at[gone], delays[gone]
+                self.errors.pop(gone, None)
+        for consumer in consumers:
+            name = consumer.name
+            if self._stopping.is_set():  # (stopped by a handler of this batch)
+                break
+            if retry_at.get(name, 0.0) > time.monotonic():
+                continue
+            try:
+                busy = self._runner.step(consumer) > 0 or busy
+            except BaseException as error:  # keep the others running; retry this later
+                # (a SystemExit, GeneratorExit or asyncio's CancelledError out of a
+                # handler, too: they ended this thread silently, and every subscriber
+                # with it; signals, Ctrl-C included, only reach the main thread)
+                delays[name] = min(delays.get(name, _FIRST_RETRY / 2) * 2, _LAST_RETRY)
+                retry_at[name] = time.monotonic() + delays[name]
+                self._log_failure(name, error, delays[name])
+                continue
+            if self.errors.pop(name, None) is not None:
+                retry_at.pop(name, None)
+                delays.pop(name, None)
+                log.info("subscriber %s recovered", name, extra={"subscriber": name})
+        return busy
 
     def _log_failure(self, name: str, error: BaseException, delay: float) -> None:
         """One ERROR with the traceback for a new failure; a line without it while the same

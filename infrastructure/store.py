@@ -16,6 +16,8 @@ import re
 import sqlite3
 import threading
 import time
+import traceback
+import urllib.parse
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, cast
@@ -145,6 +147,8 @@ def resolve_url(url: str | URL | None) -> URL:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        parsed = _absolute_sqlite(parsed)
     if backend == "sqlite" and (parsed.host or parsed.username or parsed.password
                                 or parsed.port):
         raise StorageError("a SQLite URL names no host or user: sqlite:///relative/file.db, "
@@ -155,6 +159,25 @@ def resolve_url(url: str | URL | None) -> URL:
             "or postgresql+psycopg://USER@HOST/DB"
         )
     return parsed
+
+
+def _absolute_sqlite(url: URL) -> URL:
+    """A SQLite file URL with its path made absolute now: the engine's worker processes (a
+    parallel verify) and its later connections open the URL again, and after an os.chdir() a
+    relative one named another file (a verify then checked a new, empty database for its
+    share of the log and passed). A file: URI's path too."""
+    database = url.database
+    if not database or database == ":memory:":
+        return url
+    if database.startswith("file:"):
+        path = database[5:]
+        if (not path or path.startswith(("/", ":memory:"))
+                or url.query.get("mode") == "memory"):
+            return url
+        # (the directory percent-encoded: the URI's own path is already written so)
+        directory = urllib.parse.quote(os.getcwd())
+        return url.set(database=f"file:{directory}/{path}")
+    return url.set(database=os.path.abspath(database))
 
 
 def one_line(error: BaseException) -> str:
@@ -460,7 +483,11 @@ class EventStore:
             if isinstance(error, sa.exc.ProgrammingError | sa.exc.OperationalError) and (
                 "sl_meta" in str(error)
             ):
-                return None  # a new database
+                # a new database. The driver's frames hold the error that holds them: cleared,
+                # or that cycle kept the opening engine (its frame is their caller) until the
+                # garbage collector's next pass, connections and all, when dropped unclosed
+                traceback.clear_frames(error.__traceback__)
+                return None
             raise
         return None if value is None else self._schema_number(value)
 

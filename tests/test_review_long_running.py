@@ -163,6 +163,7 @@ def test_a_tracking_row_that_cannot_be_locked_delivers_nothing(
         engine.subscribe("counter", lambda event: seen.append(event.position))
         engine.run_subscribers(until_idle=True)
         assert len(seen) == 2
+        engine.update(sid, {"n": 2})  # (behind: a caught-up subscriber locks nothing)
         monkeypatch.setattr(SubscriptionStore, "_locked_row", lambda self, conn, name: None)
         with pytest.raises(StorageError, match="cannot lock the tracking row"):
             engine.run_subscribers(until_idle=True)
