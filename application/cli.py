@@ -432,23 +432,19 @@ def _tolerant_stdout() -> None:
             reconfigure(errors="backslashreplace")
 
 
-def _settle_stdout() -> bool:
-    """Flush stdout; True when it took everything. When it cannot (the reader of a pipe went
-    away, a full disk), it is pointed at os.devnull: the interpreter's own flush at exit would
-    fail again, print "Exception ignored" and end with status 120."""
+def _settle_stdout() -> None:
+    """Flush stdout; when it cannot take what is left (the reader of a pipe went away, a full
+    disk), point it at os.devnull: the interpreter's own flush at exit would fail again, print
+    "Exception ignored" and end with status 120."""
     try:
         sys.stdout.flush()
-        return True
     except (OSError, ValueError):
-        try:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             devnull = os.open(os.devnull, os.O_WRONLY)
             try:
                 os.dup2(devnull, sys.stdout.fileno())
             finally:
                 os.close(devnull)
-        except (OSError, ValueError, AttributeError):
-            pass
-        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

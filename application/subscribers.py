@@ -247,9 +247,10 @@ class SubscriberRunner:
 FORK_WAIT_SECONDS = 10.0
 #: the background runners of this process whose threads run
 _live_runners: weakref.WeakSet[SubscriberThread] = weakref.WeakSet()
-#: the runners' in_round locks a fork under way holds, and the runners it gave up waiting for
+#: the runners' in_round locks a fork under way holds
 _held_for_fork: list[threading.RLock] = []
-_not_paused: list[str] = []
+#: [the runners that fork gave up waiting for]
+_not_paused = [0]
 
 
 def _pause_runners_for_fork() -> None:
@@ -262,17 +263,17 @@ def _pause_runners_for_fork() -> None:
         if runner.in_round.acquire(timeout=FORK_WAIT_SECONDS):
             _held_for_fork.append(runner.in_round)
         else:
-            _not_paused.append(runner._thread.name)
+            _not_paused[0] += 1
 
 
 def _resume_runners_after_fork() -> None:
     while _held_for_fork:
         _held_for_fork.pop().release()
-    if _not_paused:
+    if _not_paused[0]:
         log.warning("the process forked while %d subscriber runner(s) still ran a round after "
                     "%.0f s: a SQLite child may hang or find the database locked (stop the "
-                    "runners before forking)", len(_not_paused), FORK_WAIT_SECONDS)
-        _not_paused.clear()
+                    "runners before forking)", _not_paused[0], FORK_WAIT_SECONDS)
+        _not_paused[0] = 0
 
 
 def _forget_runners_in_child() -> None:

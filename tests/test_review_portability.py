@@ -166,3 +166,30 @@ def test_a_fork_during_a_transactional_batch_waits_for_it(tmp_path: Path) -> Non
         assert engine.create("parent again")
         names = sorted(s.name for s in engine.list_sessions())
     assert names == ["child", "fresh engine in the child", "parent", "parent again"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_waits_for_a_runner_only_so_long_then_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from sessionledger import subscribers
+
+    monkeypatch.setattr(subscribers, "FORK_WAIT_SECONDS", 0.2)
+    with SessionEngine(f"sqlite:///{tmp_path / 'db.sqlite'}") as engine:
+        engine.create("s")
+        inside, release = threading.Event(), threading.Event()
+
+        def stuck(event: object) -> None:
+            inside.set()
+            release.wait(10)
+
+        engine.subscribe("stuck", stuck)
+        engine.run_subscribers()
+        assert inside.wait(10)
+        started = time.monotonic()
+        pid = _fork(lambda: None)
+        waited = time.monotonic() - started
+        release.set()
+        assert _exit_codes([pid], 20) == {pid: 0}
+    assert 0.15 < waited < 5
+    assert "forked while 1 subscriber runner(s) still ran a round" in caplog.text
