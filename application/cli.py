@@ -436,6 +436,8 @@ def _settle_stdout() -> None:
     """Flush stdout; when it cannot take what is left (the reader of a pipe went away, a full
     disk), point it at os.devnull: the interpreter's own flush at exit would fail again, print
     "Exception ignored" and end with status 120."""
+    if sys.stdout is None:
+        return
     try:
         sys.stdout.flush()
     except (OSError, ValueError):
@@ -461,8 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with SessionEngine(args.url, SessionConfig(integrity_key=key)) as engine:
             status = args.run(engine, args)
         # what is still buffered, written here: a reader gone now is handled below, not at
-        # the interpreter's exit
-        sys.stdout.flush()
+        # the interpreter's exit (no stdout at all, `>&-`: None, and nothing to write)
+        if sys.stdout is not None:
+            sys.stdout.flush()
     except SessionLedgerError as error:
         print(f"sessionledger: error: {error}", file=sys.stderr)
         return 1

@@ -670,7 +670,10 @@ class SessionEngine:
             self._store.check_open()
             if self._closing:
                 raise StorageError("the engine is closed")
-            thread = SubscriberThread(runner, self._consumers, Waker(self._store))
+            lock = self._store.commands_lock
+            thread = SubscriberThread(runner, self._consumers, Waker(self._store),
+                                      engine_lock_held_here=getattr(lock, "_is_owned",
+                                                                    lambda: False))
             self._runners = [r for r in self._runners if r.running] + [thread]
         return thread
 

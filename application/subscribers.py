@@ -245,6 +245,8 @@ class SubscriberRunner:
 
 #: how long a fork waits for a background runner to finish the round it is in
 FORK_WAIT_SECONDS = 10.0
+#: the same, for a fork from a thread that holds the runner's engine's command lock
+HOOK_FORK_WAIT_SECONDS = 0.5
 #: the background runners of this process whose threads run
 _live_runners: weakref.WeakSet[SubscriberThread] = weakref.WeakSet()
 #: the runners' in_round locks a fork under way holds
@@ -258,11 +260,19 @@ def _pause_runners_for_fork() -> None:
     most FORK_WAIT_SECONDS each). A fork in the middle of a round left the child a SQLite
     connection another thread was using: the child hung for good closing it (its mutex held
     by a thread that does not exist there), or, forked during a batch's transaction, found
-    the database locked at every write."""
+    the database locked at every write.
+
+    A runner whose engine's command lock the forking thread holds (a fork from a hook) is
+    waited for HOOK_FORK_WAIT_SECONDS only: a round that reads finishes in that time, and
+    one still running then waits for that lock (a transactional batch on SQLite, a handler
+    calling the engine), outside SQLite, where the fork is safe. (Waited for in full, a fork
+    from a hook took 10 s whenever the runner was in such a round.)"""
     for runner in list(_live_runners):
-        if runner.in_round.acquire(timeout=FORK_WAIT_SECONDS):
+        held_here = runner.engine_lock_held_here()
+        if runner.in_round.acquire(timeout=HOOK_FORK_WAIT_SECONDS if held_here
+                                   else FORK_WAIT_SECONDS):
             _held_for_fork.append(runner.in_round)
-        else:
+        elif not held_here:
             _not_paused[0] += 1
 
 
@@ -277,6 +287,7 @@ def _resume_runners_after_fork() -> None:
 
 
 def _forget_runners_in_child() -> None:
+    _not_paused[0] = 0  # (said in the parent)
     _resume_runners_after_fork()  # (this thread holds them in the child too)
     _live_runners.clear()  # their threads did not come along
 
@@ -291,8 +302,11 @@ class SubscriberThread:
     def __init__(
         self, runner: SubscriberRunner, consumers: Callable[[], list[Consumer]],
         waker: Waker, max_wait: float = 1.0,
+        engine_lock_held_here: Callable[[], bool] = lambda: False,
     ) -> None:
         self._runner = runner
+        #: True when the calling thread holds the engine's command lock (see the fork gate)
+        self.engine_lock_held_here = engine_lock_held_here
         self._consumers = consumers
         self._waker = waker
         self._max_wait = max_wait
@@ -314,8 +328,9 @@ class SubscriberThread:
         delays: dict[str, float] = {}
         try:
             while not self._stopping.is_set():
+                consumers = self._consumers()  # (takes the engine's lock: outside the gate)
                 with self.in_round:
-                    busy = self._round(retry_at, delays)
+                    busy = self._round(consumers, retry_at, delays)
                 if not busy:
                     wait = self._max_wait
                     if retry_at:  # (PostgreSQL waits for a NOTIFY: not past a retry's time)
@@ -328,10 +343,10 @@ class SubscriberThread:
             if self.after_stop is not None:
                 self.after_stop()
 
-    def _round(self, retry_at: dict[str, float], delays: dict[str, float]) -> bool:
+    def _round(self, consumers: list[Consumer], retry_at: dict[str, float],
+               delays: dict[str, float]) -> bool:
         """One batch for each subscriber that is due; True when any handled events."""
         busy = False
-        consumers = self._consumers()
         if retry_at:
             # a failed subscriber unsubscribed since: its past retry time made every
             # idle wait 0 s (a busy loop), and its error stayed listed

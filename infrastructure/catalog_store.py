@@ -251,6 +251,7 @@ class CatalogStore:
             for name in ("sl_catalog", "sl_catalog_tags"):
                 if self.dialect == "postgresql":
                     self._copy_grants(conn, name, name + NEXT)
+                    self._keep_owner(conn, name, name + NEXT)
                 conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
                 conn.exec_driver_sql(f"ALTER TABLE {name}{NEXT} RENAME TO {name}")
         if self.dialect == "postgresql":
@@ -273,6 +274,17 @@ class CatalogStore:
                 raise StorageError(
                     f"a catalog rebuild needs to own the catalog tables: {name} belongs to role "
                     f"{row[1]!r}, not {row[2]!r} (rebuild as that role; see README, PostgreSQL)")
+
+    @staticmethod
+    def _keep_owner(conn: Connection, live: str, rebuilt: str) -> None:
+        """Give `rebuilt` the owner of `live` (a superuser's rebuild, or one by a member of the
+        owning role, made tables of its own, and the owner lost its catalog)."""
+        row = conn.exec_driver_sql(
+            "SELECT quote_ident(pg_get_userbyid(relowner)), pg_get_userbyid(relowner) <> "
+            "current_user FROM pg_class WHERE oid = to_regclass(%(name)s)",
+            {"name": live}).first()
+        if row is not None and row[1]:
+            conn.exec_driver_sql(f"ALTER TABLE {rebuilt} OWNER TO {row[0]}")
 
     @staticmethod
     def _copy_grants(conn: Connection, live: str, rebuilt: str) -> None:

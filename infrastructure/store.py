@@ -125,10 +125,12 @@ def resolve_url(url: str | URL | None) -> URL:
             except Exception as error:
                 raise StorageError(masked_url_text(f"invalid database URL {url!r}: {error}")
                                    ) from None
-            if parsed.host is not None and "@" in parsed.host:
+            if "@" in url.split("://", 1)[1].split("@", 1)[-1] and (
+                    parsed.password is not None or "@" in (parsed.host or "")):
                 # an '@' in the password, not percent-encoded: the URL splits at the first
-                # one and the rest of the password would show as the host in every message
-                raise StorageError("invalid database URL: its host part holds an '@' (an '@' "
+                # one and the rest of the password would show as the host, database or query
+                # in every message
+                raise StorageError("invalid database URL: an '@' after the user part (an '@' "
                                    "in a password must be written %40)")
     elif isinstance(url, URL):
         parsed = url
@@ -169,7 +171,7 @@ def _absolute_sqlite(url: URL) -> URL:
     database = url.database
     if not database or database == ":memory:":
         return url
-    if database.startswith("file:"):
+    if database.startswith("file:") and url.query.get("uri") in ("true", "1", "True"):
         path = database[5:]
         if (not path or path.startswith(("/", ":memory:"))
                 or url.query.get("mode") == "memory"):
@@ -205,8 +207,9 @@ def safe_url(url: URL) -> str:
 def masked_url_text(text: str) -> str:
     """URL text that may not parse, for a message: whatever stands where a password would
     (user:PASSWORD@, password=...) hidden."""
-    # (to the authority's last '@': a password may hold one that is not percent-encoded)
-    text = re.sub(r"(://[^/?#@]*?:)[^/?#]*@", r"\1***@", text)
+    # (to the text's last '@': a password may hold '@', '/', '?' or '#' not percent-encoded,
+    # and a parser's message after the URL may repeat part of it; too much hidden is harmless)
+    text = re.sub(r"(://[^/?#@:]*:).*@", r"\1***@", text)
     return re.sub(r"(\w*pass\w*=)[^&;\s'\"]*", r"\1***", text, flags=re.IGNORECASE)
 
 

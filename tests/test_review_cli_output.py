@@ -170,3 +170,35 @@ def test_cleanup_without_a_rule_names_the_options(tmp_path: Path) -> None:
     done = run("cleanup", "--url", str(tmp_path / "db.sqlite"))
     assert (done.returncode, done.stderr) == (
         1, "sessionledger: error: cleanup needs --max-age, --keep-last or both\n")
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://u:se/cret@host:bad/db", "postgresql://u:se?cret@host:bad/db",
+    "postgresql://u:se#cret@127.0.0.1:bad/db", "postgresql://u:Sx@b/cret@127.0.0.1:5432/db",
+    "postgresql://u:Sx@b:cret@127.0.0.1:5432/db",
+])
+def test_no_part_of_a_password_with_unencoded_characters_shows(url: str) -> None:
+    """(Review 17, adversarial.) '/', '?' and '#' in a password stopped the mask, and an '@'
+    followed by them slipped past the check for an '@' in the host."""
+    with pytest.raises(StorageError) as raised:
+        SessionEngine(url)
+    assert "cret" not in str(raised.value), str(raised.value)
+
+
+def test_a_file_colon_name_without_uri_is_a_plain_file(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for url in ("file:plain.db", "sqlite:///file:plain2.db"):
+        with SessionEngine(url) as engine:
+            engine.create("s")
+    assert (tmp_path / "file:plain.db").is_file() and (tmp_path / "file:plain2.db").is_file()
+
+
+@pytest.mark.parametrize("verb", [["ls"], ["verify"]])
+def test_a_closed_stdout_keeps_the_decided_status(tampered: tuple[str, list[str]],
+                                                  verb: list[str]) -> None:
+    url, _ = tampered
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(f"{SCRIPT} {verb[0]} --url {url} >&-", shell=True, text=True,
+                          stderr=subprocess.PIPE, timeout=120, env=environment)
+    assert (done.returncode, done.stderr) == (2 if verb == ["verify"] else 0, "")

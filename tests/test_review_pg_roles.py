@@ -110,3 +110,26 @@ def test_a_select_only_role_finds_in_a_catalog_that_is_caught_up(
         writer.find()
     with SessionEngine(f"sqlite:///file:{path}?mode=ro&uri=true") as reader:
         assert [s.id for s in reader.find()] == [sid]
+
+
+def test_a_superuser_rebuild_leaves_the_catalog_to_its_owner(pg_backend: Backend,
+                                                              app_role: str) -> None:
+    """(Review 17, adversarial.) The application's role owns its tables; an administrator
+    (a superuser) rebuilds: the new tables were the administrator's, and the owner's find()
+    and rebuilds were refused."""
+    assert pg_backend.pg_url is not None
+    schema = pg_backend.pg_schema
+    with psycopg.connect(pg_backend.pg_url, autocommit=True) as admin:
+        for table in ("sl_catalog", "sl_catalog_tags"):
+            admin.execute(f'ALTER TABLE "{schema}".{table} OWNER TO {app_role}')
+        admin.execute(f'GRANT CREATE ON SCHEMA "{schema}" TO {app_role}')
+    with SessionEngine(url_as(pg_backend, app_role)) as app:
+        sid = app.create("s")
+        with SessionEngine(pg_backend.url) as superuser:
+            assert superuser.rebuild("catalog") > 0
+        owners = pg_backend.sql("SELECT tablename, tableowner FROM pg_tables WHERE schemaname = ? "
+                                "AND tablename LIKE ? ORDER BY 1", (schema, "sl_catalog%"))
+        assert owners == [("sl_catalog", app_role), ("sl_catalog_tags", app_role)]
+        app.update(sid, {"n": 1})
+        assert [s.version for s in app.find()] == [2]
+        assert app.rebuild("catalog") > 0

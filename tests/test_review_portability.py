@@ -193,3 +193,28 @@ def test_a_fork_waits_for_a_runner_only_so_long_then_says_so(
         assert _exit_codes([pid], 20) == {pid: 0}
     assert 0.15 < waited < 5
     assert "forked while 1 subscriber runner(s) still ran a round" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_from_a_hook_does_not_wait_for_the_runner(tmp_path: Path) -> None:
+    """(Review 17, adversarial.) A hook runs while its command holds the engine's lock, and a
+    runner starting a round waits for that lock inside the fork gate: a fork from the hook
+    waited the gate's whole 10 s."""
+    with SessionEngine(f"sqlite:///{tmp_path / 'db.sqlite'}") as engine:
+        engine.create("s")
+        engine.run_subscribers()
+        took: list[float] = []
+        pids: list[int] = []
+
+        def forking_hook(event: object) -> None:
+            started = time.monotonic()
+            pids.append(_fork(lambda: None))
+            took.append(time.monotonic() - started)
+
+        engine.hooks.subscribe(forking_hook)
+        for i in range(15):
+            engine.create(f"s{i}")
+            time.sleep(0.013)
+        codes = _exit_codes(pids, 30)
+    assert list(codes.values()) == [0] * 15
+    assert max(took) < 5, took
