@@ -125,8 +125,8 @@ def resolve_url(url: str | URL | None) -> URL:
             except Exception as error:
                 raise StorageError(masked_url_text(f"invalid database URL {url!r}: {error}")
                                    ) from None
-            if "@" in url.split("://", 1)[1].split("@", 1)[-1] and (
-                    parsed.password is not None or "@" in (parsed.host or "")):
+            if url.count("@") > 1 and (parsed.password is not None
+                                       or "@" in (parsed.host or "")):
                 # an '@' in the password, not percent-encoded: the URL splits at the first
                 # one and the rest of the password would show as the host, database or query
                 # in every message
@@ -150,11 +150,11 @@ def resolve_url(url: str | URL | None) -> URL:
         parsed = parsed.set(drivername="postgresql+psycopg")
     backend = parsed.get_backend_name()
     if backend == "sqlite":
+        if parsed.host or parsed.username or parsed.password or parsed.port:
+            raise StorageError("a SQLite URL names no host or user: sqlite:///relative/file.db, "
+                               "sqlite:////absolute/file.db, sqlite:// (in memory) or a bare "
+                               "path")
         parsed = _absolute_sqlite(parsed)
-    if backend == "sqlite" and (parsed.host or parsed.username or parsed.password
-                                or parsed.port):
-        raise StorageError("a SQLite URL names no host or user: sqlite:///relative/file.db, "
-                           "sqlite:////absolute/file.db, sqlite:// (in memory) or a bare path")
     if backend not in ("sqlite", "postgresql"):
         raise StorageError(
             f"unsupported database URL {safe_url(parsed)}: use sqlite:///FILE, sqlite:// "
@@ -428,12 +428,11 @@ class EventStore:
                         dbapi_connection.autocommit = autocommit
         except StorageError:
             raise
-        except ModuleNotFoundError as error:
-            hint = (" (install the PostgreSQL driver: pip install 'sessionledger[postgres]')"
-                    if self.dialect == "postgresql" else "")
-            raise StorageError(f"cannot use database {safe_url(url)}: {error}{hint}") from None
         except Exception as error:
-            raise StorageError(f"cannot use database {safe_url(url)}: {one_line(error)}"
+            hint = (" (install the PostgreSQL driver: pip install 'sessionledger[postgres]')"
+                    if isinstance(error, ModuleNotFoundError) and self.dialect == "postgresql"
+                    else "")
+            raise StorageError(f"cannot use database {safe_url(url)}: {one_line(error)}{hint}"
                                ) from None
         return engine
 
